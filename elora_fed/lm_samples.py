@@ -87,7 +87,7 @@ def build_clients(texts: dict[str, str], tokenizer: PreTrainedTokenizerBase, cfg
     _check_seq_len(cfg.seq_len, tokenizer)
     blocks: dict[str, np.ndarray] = {}
     for client_id in sorted(texts):
-        ids = tokenizer(texts[client_id], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts[client_id], add_special_tokens=False, verbose=False)["input_ids"]
         client_blocks = token_blocks(ids, cfg.seq_len)
         if cfg.max_samples_per_client:
             client_blocks = client_blocks[: cfg.max_samples_per_client]

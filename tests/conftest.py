@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach a hub: without this, a hub id is retried over the network for ~45 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 from transformers import PreTrainedTokenizerBase
 

@@ -1,0 +1,60 @@
+"""The elora-fed command line, run as a user runs it (a subprocess, offline)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = ["--set", "model.name=tiny-random", "--set", "data.num_clients=3", "--set", "data.max_samples_per_client=12"]
+
+
+def elora_fed(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "elora_fed.cli", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_data_stats_prints_clients_and_sample_distribution(tmp_path):
+    done = elora_fed("data-stats", "--preset", "demo", *TINY, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)
+    assert stats["clients"] == 3 and stats["candidates"] > 1000
+    assert stats["samples_per_client"]["max"] == 12
+
+
+def test_check_writes_a_run_directory(tmp_path):
+    done = elora_fed("check", *TINY, "--set", "run_dir='out'", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run,) = (tmp_path / "out").iterdir()
+    assert {p.name for p in run.iterdir()} == {"config.json", "clients.json", "data_stats.json", "check.json"}
+    report = json.loads((run / "check.json").read_text())
+    assert [(m["model"], m["precision"]) for m in report["models"]] == [
+        ("tiny-random", "fp32"),
+        ("tiny-random", "nf4"),
+        ("tiny-random", "fp32"),
+    ]
+    for model in report["models"]:
+        assert model["grad_norm_B"] > 0 and model["grad_norm_A"] == 0  # B = 0 at theta*: A gets no gradient
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
+    cases = {
+        (
+            "data-stats",
+            "--set",
+            "model.precison=nf4",
+        ): "unknown config key 'model.precison'; did you mean 'model.precision'",
+        ("data-stats", "--set", "model.name=./missing-model"): "model path missing-model does not exist",
+        ("data-stats", "--set", "data.seq_len=100000"): "data.seq_len = 100000 is impossible",
+        ("data-stats", "--set", "data.path='/nonexistent/texts'"): "Shakespeare texts not found at /nonexistent/texts",
+        (
+            "data-stats",
+            "--set",
+            "model.name=nobody/none",
+        ): "Use the embedded default model.name = 'smollm2-135m-instruct'",
+    }
+    for args, message in cases.items():
+        done = elora_fed(*args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
