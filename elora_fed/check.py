@@ -72,7 +72,7 @@ def run_check(config: RunConfig, eval_samples: int = 4) -> dict[str, Any]:
 
     table = Table(title=f"elora-fed check: {len(tokens)} validation samples of {data.seq_len} tokens")
     for column in ("model", "precision", "val loss", "load s", "score s", "|grad B|", "|grad A|"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for r in results:
         table.add_row(
             r["model"],
