@@ -112,6 +112,31 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class SketchConfig:
+    """The projected-gradient features (``elora_fed.sketch``).
+
+    ``dim`` is d, the sketch dimension; ``projection`` is ``rademacher`` (entries
+    +-1/sqrt(d), bit-identical on every device) or ``gaussian`` (N(0, 1/d)); ``seed`` fixes
+    P everywhere. ``buffer_mb`` bounds the per-sample gradients held before they are
+    projected together; ``block_rows`` bounds one generated block of P.
+    """
+
+    dim: int = 400
+    projection: str = "rademacher"
+    seed: int = 0
+    batch_size: int = 16
+    buffer_mb: int = 1024
+    block_rows: int = 4096
+
+    def validate(self) -> None:
+        _check_range("sketch.dim", self.dim, low=1)
+        _check_choice("sketch.projection", self.projection, ("rademacher", "gaussian"))
+        _check_range("sketch.batch_size", self.batch_size, low=1)
+        _check_range("sketch.buffer_mb", self.buffer_mb, low=1)
+        _check_range("sketch.block_rows", self.block_rows, low=1)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run."""
 
@@ -120,11 +145,13 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sketch: SketchConfig = field(default_factory=SketchConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.adapter.validate()
         self.data.validate()
+        self.sketch.validate()
 
     def to_flat(self) -> dict[str, Any]:
         """The dotted-key mapping Flower uses, e.g. ``{"model.precision": "fp32", ...}``."""

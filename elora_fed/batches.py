@@ -1,0 +1,76 @@
+"""Model-ready batches of samples, and how the scalar output h is read from their logits.
+
+Two kinds of task share one engine:
+- language modelling (Shakespeare): every sample has the same length; the targets are the
+  next tokens, and h is averaged over target positions;
+- classification: prompts of different lengths, right-padded; the answer is read at each
+  prompt's last real position, over the label words' tokens only.
+
+Right padding keeps every real token at the position it has unpadded, and the causal mask
+keeps real tokens from attending to padding, so padding never changes another sample's h.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from elora_fed.log_odds import label_log_odds, lm_log_odds
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids (n, T), their attention mask, and for classification the label data."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None = None  # (n,) label indices, classification only
+    label_token_ids: torch.Tensor | None = None  # (K,) one token per label word
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), move(self.labels), move(self.label_token_ids)
+        )
+
+    def select(self, index: int) -> Batch:
+        """Sample ``index`` alone, without its padding (what a naive per-sample loop sees)."""
+        length = int(self.attention_mask[index].sum())
+        return Batch(
+            self.input_ids[index : index + 1, :length],
+            self.attention_mask[index : index + 1, :length],
+            None if self.labels is None else self.labels[index : index + 1],
+            self.label_token_ids,
+        )
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """h for every sample of the batch, from the model's logits (n, T, V)."""
+        if self.labels is None:
+            return lm_log_odds(logits, self.input_ids, self.attention_mask)
+        assert self.label_token_ids is not None
+        return label_log_odds(logits, self.attention_mask, self.label_token_ids, self.labels)
+
+
+def lm_batch(tokens: np.ndarray) -> Batch:
+    """Equal-length next-token samples (n, T)."""
+    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    return Batch(ids, torch.ones_like(ids))
+
+
+def classification_batch(
+    prompts: Sequence[Sequence[int]], labels: Sequence[int], label_token_ids: Sequence[int], pad_token_id: int
+) -> Batch:
+    """Right-padded prompts with their label indices."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = torch.as_tensor(list(prompt))
+        mask[row, : len(prompt)] = 1
+    return Batch(ids, mask, torch.as_tensor(list(labels)), torch.as_tensor(list(label_token_ids)))
