@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("data-stats", help="print the clients kept and their samples"))
     p.set_defaults(func=_data_stats)
 
+    p = with_config(sub.add_parser("sketch", help="every client's projected gradient features, one file each"))
+    p.set_defaults(func=_sketch)
+
     p = with_config(sub.add_parser("check", help="end-to-end check of base model and data (the demo job)"))
     p.add_argument("--eval-samples", type=int, default=4, help="validation samples per client to score")
     p.set_defaults(func=_check)
@@ -81,9 +84,15 @@ def _data_stats(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from elora_fed.check import run_check
+    from elora_fed.jobs import run_check
 
     run_check(_config(args), eval_samples=args.eval_samples)
+
+
+def _sketch(args: argparse.Namespace) -> None:
+    from elora_fed.jobs import run_sketch
+
+    run_sketch(_config(args))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from elora_fed import lm_samples, shakespeare, shakespeare_hub
+from elora_fed.classification import ClassificationSamples, load_classification_tasks, tokenize_task
 from elora_fed.config import DataConfig
-from elora_fed.lm_samples import FederatedSamples
+from elora_fed.lm_samples import ClientSamples, FederatedSamples
 
 
 def shakespeare_texts_dir(cfg: DataConfig) -> Path:
@@ -36,3 +37,16 @@ def load_lm_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Fede
     if cfg.source == "flwr-shakespeare":
         return lm_samples.prepare("flwrlabs/shakespeare", shakespeare_hub.load_flwr_shakespeare, tokenizer, cfg)
     raise ValueError(f"data.source = {cfg.source!r} is not a language-modelling source")
+
+
+def load_classification_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[ClassificationSamples]:
+    """One tokenized task per client, sorted by task name; prompts hold at most ``seq_len`` tokens."""
+    tasks = load_classification_tasks(cfg.path, cfg.val_fraction, cfg.test_fraction)
+    return [tokenize_task(task, tokenizer, cfg.seq_len) for task in tasks]
+
+
+def load_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[ClientSamples] | list[ClassificationSamples]:
+    """The run's clients, sorted by id, whatever the source."""
+    if cfg.source == "classification":
+        return load_classification_clients(cfg, tokenizer)
+    return list(load_lm_clients(cfg, tokenizer).clients)

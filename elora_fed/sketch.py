@@ -47,7 +47,9 @@ def lora_b_modules(model: nn.Module) -> list[tuple[str, nn.Linear]]:
         if isinstance(module, LoraLayer):
             if any(module.use_dora.values()):
                 return []
-            found.extend((f"{name}.lora_B.{adapter}", linear) for adapter, linear in module.lora_B.items())
+            for adapter, linear in module.lora_B.items():
+                assert isinstance(linear, nn.Linear)
+                found.append((f"{name}.lora_B.{adapter}", linear))
     return found
 
 

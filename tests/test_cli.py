@@ -58,3 +58,30 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         done = elora_fed(*args, cwd=tmp_path)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_sketch_writes_one_file_per_client(tmp_path):
+    done = elora_fed("sketch", *TINY, "--set", "sketch.dim=32", "--set", "run_dir='out'", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run,) = (tmp_path / "out").iterdir()
+    from elora_fed.client_sketch import load_sketches
+
+    sketches = load_sketches(run / "sketches")
+    summary = json.loads((run / "sketch_summary.json").read_text())
+    assert len(sketches) == 3 and summary["rows"] == sum(len(s.outputs) for s in sketches)
+    assert all(s.features.shape[1] == 32 and s.metadata.projection_seed == 0 for s in sketches)
+    # train and validation only: 12 capped samples split 10/1/1
+    assert all(sorted(set(s.split.tolist())) == [0, 1] and len(s.outputs) == 11 for s in sketches)
+
+
+def test_sketch_of_classification_tasks(tmp_path):
+    fixture = Path(__file__).parent / "fixtures" / "classification.jsonl"
+    args = ["--set", "model.name=tiny-random", "--set", "data.source='classification'", "--set", f"data.path='{fixture}'"]
+    done = elora_fed("sketch", *args, "--set", "sketch.dim=16", "--set", "run_dir='out'", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run,) = (tmp_path / "out").iterdir()
+    from elora_fed.client_sketch import load_sketches
+
+    sketches = load_sketches(run / "sketches")
+    assert [s.client_id for s in sketches] == ["entailment", "sentiment", "topic"]
+    assert all(s.metadata.task == "classification" and (s.labels >= 0).all() for s in sketches)

@@ -1,8 +1,10 @@
-"""The end-to-end check of base model and data: the README's main job until the pipeline lands.
+"""The CLI's jobs, each writing its own run directory.
 
-It prepares the configured clients, scores their validation text under the base model in
-fp32 and in 4-bit nf4 and under the tiny random model, attaches the seeded LoRA adapter and
-checks where its first gradient lands, and writes everything to a run directory.
+- ``run_check``: the end-to-end check of base model and data (the README's main job until
+  the federated pipeline lands). It prepares the configured clients, scores their
+  validation text under the base model in fp32 and 4-bit nf4 and under the tiny random
+  model, attaches the seeded LoRA adapter and checks where its first gradient lands.
+- ``run_sketch``: every client's projected gradient features, one file per client.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from elora_fed.adapters import attach_lora
+from elora_fed.client_sketch import SketchMetadata, sketch_client
 from elora_fed.config import ModelConfig, RunConfig
 from elora_fed.evaluation import mean_token_loss
-from elora_fed.federated_data import load_lm_clients
-from elora_fed.lm_samples import SPLITS
+from elora_fed.federated_data import load_clients, load_lm_clients
 from elora_fed.models import TINY_MODEL, load_base_model, load_tokenizer
+from elora_fed.projection import JLProjector
 from elora_fed.run_dir import create_run_dir, write_json
+from elora_fed.sketch import gradient_dim
+from elora_fed.splits import SPLITS
 
 
 def run_check(config: RunConfig, eval_samples: int = 4) -> dict[str, Any]:
@@ -99,3 +105,42 @@ def _first_adapter_gradient(model: torch.nn.Module, config: RunConfig, tokens: n
         if p.grad is not None:
             norms["A" if "lora_A" in name else "B"] += float(p.grad.float().norm() ** 2)
     return {f"grad_norm_{k}": v**0.5 for k, v in norms.items()}
+
+
+def run_sketch(config: RunConfig) -> dict[str, Any]:
+    """Sketch the train and validation samples of every client into ``<run>/sketches/``."""
+    console = Console()
+    run = create_run_dir(config, "sketch")
+    tokenizer = load_tokenizer(config.model)
+    clients = load_clients(config.data, tokenizer)
+    model = attach_lora(load_base_model(config.model), config.adapter)
+    sk = config.sketch
+    projector = JLProjector(gradient_dim(model), sk.dim, sk.seed, sk.projection, sk.block_rows)
+    metadata = SketchMetadata(
+        model=config.model.name,
+        precision=config.model.precision,
+        adapter_rank=config.adapter.rank,
+        adapter_target_modules=config.adapter.target_modules,
+        adapter_seed=config.adapter.seed,
+        projection=sk.projection,
+        projection_seed=sk.seed,
+        dim=sk.dim,
+        gradient_dim=projector.input_dim,
+        task="classification" if config.data.source == "classification" else "lm",
+    )
+    console.log(f"{len(clients)} clients, p = {projector.input_dim:,} gradient coordinates -> d = {sk.dim}")
+    start, rows = time.perf_counter(), 0
+    with Progress(console=console) as progress:
+        task = progress.add_task("sketching clients", total=len(clients))
+        for client in clients:
+            sketch = sketch_client(
+                model, client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=tokenizer.pad_token_id
+            )
+            sketch.save(run / "sketches")
+            rows += len(sketch.outputs)
+            progress.advance(task)
+    seconds = time.perf_counter() - start
+    summary = {"clients": len(clients), "rows": rows, "seconds": seconds, "samples_per_s": rows / seconds}
+    write_json(run / "sketch_summary.json", {**summary, "metadata": dataclasses.asdict(metadata)})
+    console.print(f"sketched {rows} samples of {len(clients)} clients in {seconds:.1f} s into {run / 'sketches'}")
+    return summary
