@@ -24,7 +24,7 @@ from elora_fed.errors import DataError
 from elora_fed.paths import atomic_directory, cache_root
 from elora_fed.splits import SPLITS, split_contiguous
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,6 @@ def build_clients(texts: dict[str, str], tokenizer: PreTrainedTokenizerBase, cfg
     for client_id in sorted(texts):
         ids = tokenizer(texts[client_id], add_special_tokens=False, verbose=False)["input_ids"]
         client_blocks = token_blocks(ids, cfg.seq_len)
-        if cfg.max_samples_per_client:
-            client_blocks = client_blocks[: cfg.max_samples_per_client]
         if len(client_blocks) >= cfg.min_samples:
             blocks[client_id] = client_blocks
     if not blocks:
@@ -99,11 +97,13 @@ def build_clients(texts: dict[str, str], tokenizer: PreTrainedTokenizerBase, cfg
             f"no client has data.min_samples = {cfg.min_samples} samples of data.seq_len = {cfg.seq_len} tokens "
             f"(the longest of {len(texts)} texts has {longest} characters): lower data.seq_len or data.min_samples"
         )
+    # The largest clients by their full text; the cap (first samples in text order) comes after.
     kept = sorted(blocks, key=lambda cid: (-len(blocks[cid]), cid))
     if cfg.num_clients:
         kept = kept[: cfg.num_clients]
+    cap = cfg.max_samples_per_client or None
     clients = tuple(
-        ClientSamples(cid, split_contiguous(cid, blocks[cid], cfg.val_fraction, cfg.test_fraction))
+        ClientSamples(cid, split_contiguous(cid, blocks[cid][:cap], cfg.val_fraction, cfg.test_fraction))
         for cid in sorted(kept)
     )
     return FederatedSamples(clients=clients, candidates=len(texts), seq_len=cfg.seq_len)

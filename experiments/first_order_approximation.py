@@ -1,7 +1,8 @@
 """How well the first-order estimate b + g . (theta - theta*) predicts a fine-tuned adapter's output.
 
 The paper's Table 5, here: LoRA and QLoRA adapters (r = 4 on q, v) on SmolLM2-135M are
-really fine-tuned on Shakespeare roles (both A and B train, as in ordinary LoRA), and at
+really fine-tuned on Shakespeare roles (A and B train, as in ordinary LoRA; and, to
+separate the second-order A-B term, B alone), and at
 relative weight distances of 0.05% to 0.25% the real output h of held-out samples is
 compared with the first-order estimate from the gradients taken at theta*:
 
@@ -50,9 +51,13 @@ def weight_distance(layers: list[torch.nn.Module], base_norm: float) -> float:
 
 
 def run(
-    precision: str, train: np.ndarray, held_out: np.ndarray, args: argparse.Namespace, base_norm: float
+    precision: str, train_a: bool, train: np.ndarray, held_out: np.ndarray, args: argparse.Namespace, base_norm: float
 ) -> list[dict]:
     model = attach_lora(load_base_model(ModelConfig(name=EMBEDDED_MODEL, precision=precision)), ADAPTER)
+    if not train_a:  # B alone: the first-order term is then the only linear change
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     layers = adapted_layers(model)
     eval_batch = lm_batch(held_out)
     b, g = per_sample_gradients(model, eval_batch)  # at theta*: exact, unprojected gradients of B
@@ -77,13 +82,14 @@ def run(
                 estimate = b + g @ delta_b
             row = {
                 "precision": precision,
+                "trained": "A and B" if train_a else "B only",
                 "target_distance": target,
                 "relative_weight_distance": distance,
                 "step": step,
                 "relative_error": float(((h - estimate).abs() / h.abs()).mean()),
                 "relative_error_of_change": float((h - estimate).norm() / (h - b).norm()),
                 "mean_output_change": float((h - b).abs().mean()),
-                "train_loss": float(loss),
+                "train_loss": float(loss.detach()),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -113,11 +119,12 @@ def main() -> None:
     )
     del dense
     started = time.time()
-    rows = [row for precision in ("fp32", "nf4") for row in run(precision, train, held_out, args, base_norm)]
+    variants = [("fp32", True), ("nf4", True), ("fp32", False)]
+    rows = [row for precision, train_a in variants for row in run(precision, train_a, train, held_out, args, base_norm)]
     report = {
         "setup": {
             "model": EMBEDDED_MODEL,
-            "adapter": "LoRA r=4, alpha=8, q_proj,v_proj (A and B trained)",
+            "adapter": "LoRA r=4, alpha=8, q_proj,v_proj",
             "roles": [c.client_id for c in data.clients],
             "train_samples": len(train),
             "held_out_samples": len(held_out),
@@ -132,12 +139,13 @@ def main() -> None:
     lines = [
         "# First-order approximation of fine-tuned outputs (SmolLM2-135M, Shakespeare roles)",
         "",
-        "| base | relative weight distance | step | relative error of h | error relative to the change in h | mean abs change in h |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| base | trained | relative weight distance | step | relative error of h | error relative to the change in h | mean abs change in h |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
-            f"| {'QLoRA (nf4)' if r['precision'] == 'nf4' else 'LoRA (fp32)'} | {100 * r['relative_weight_distance']:.3f}% | "
+            f"| {'QLoRA (nf4)' if r['precision'] == 'nf4' else 'LoRA (fp32)'} | {r['trained']} | "
+            f"{100 * r['relative_weight_distance']:.3f}% | "
             f"{r['step']} | {100 * r['relative_error']:.3f}% | {100 * r['relative_error_of_change']:.1f}% | {r['mean_output_change']:.4f} |"
         )
     (RESULTS / "first_order_approximation.md").write_text("\n".join(lines) + "\n")

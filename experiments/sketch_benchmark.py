@@ -6,7 +6,8 @@ on all linear layers, d = 400. Three things are timed in the same run, per sampl
 - naive: one unpadded forward and one autograd call per sample, then the same projection;
 - plain: a batched forward and backward of sum(h) with no per-sample work (the floor).
 Peak memory is the process's resident set, sampled during each phase, above its level
-before the phase. Results go to experiments/results/sketch_benchmark.{json,md}.
+before the phase; the engine is also run at d and 4d on the same samples, to show that its
+memory does not grow with p x d (P itself would take p x d x 4 bytes). Results go to experiments/results/sketch_benchmark.{json,md}.
 
     python experiments/sketch_benchmark.py [--batches 6] [--device cpu|cuda] [--random-weights]
 """
@@ -104,8 +105,14 @@ def measure(
     plain_s, plain_mem = timed(lambda: plain(model, batches), device)
     engine_s, engine_mem = timed(lambda: sketch_batches(model, batches, projector, args.buffer_mb), device)
     naive_s, naive_mem = timed(lambda: projector.project(naive_per_sample_gradients(model, naive_batch)[1]), device)
+    # Memory must not grow with p x d: the same samples sketched at d and 4d.
+    by_d = {}
+    for dim in (args.dim, 4 * args.dim):
+        wide = JLProjector(p, dim, seed=0, block_rows=4096)
+        by_d[dim] = timed(lambda wide=wide: sketch_batches(model, batches[:2], wide, args.buffer_mb), device)[1].rss_mb
     n = len(batches) * args.batch_size
     return {
+        "engine_peak_rss_mb_by_d_on_32_samples": by_d,
         "p": p,
         "d": args.dim,
         "projection_matrix_mb_if_stored": p * args.dim * 4 / 2**20,
@@ -170,14 +177,17 @@ def main() -> None:
     lines = [
         f"# Sketch engine benchmark ({args.device}, {args.dtype}, batch {args.batch_size} x 64 tokens, d = {args.dim})",
         "",
-        "| setup | p | engine s/sample | plain s/sample | naive s/sample | engine / plain | speed-up vs naive | peak RSS MB engine / plain | P if stored, MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setup | p | engine s/sample | plain s/sample | naive s/sample | engine / plain | speed-up vs naive "
+        "| peak RSS MB engine / plain | engine peak RSS MB at d / 4d | P if stored, MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['p']:,} | {r['engine_s_per_sample']:.4f} | {r['plain_s_per_sample']:.4f} | "
             f"{r['naive_s_per_sample']:.4f} | {r['time_ratio_to_plain']:.3f} | {r['speedup_vs_naive']:.2f}x | "
-            f"{r['peak_rss_mb']['engine']:.0f} / {r['peak_rss_mb']['plain']:.0f} | {r['projection_matrix_mb_if_stored']:.0f} |"
+            f"{r['peak_rss_mb']['engine']:.0f} / {r['peak_rss_mb']['plain']:.0f} | "
+            + " / ".join(f"{v:.0f}" for v in r["engine_peak_rss_mb_by_d_on_32_samples"].values())
+            + f" | {r['projection_matrix_mb_if_stored']:.0f} |"
         )
     (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print(f"written to {RESULTS / args.out}.json and .md")

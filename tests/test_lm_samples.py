@@ -63,6 +63,10 @@ def test_build_clients_filters_selects_largest_and_sorts(tokenizer):
     capped = build_clients(texts, tokenizer, DataConfig(seq_len=16, min_samples=10, max_samples_per_client=12))
     assert [c.client_id for c in capped.clients] == ["a:mid", "b:large", "z:big"]  # small one filtered
     assert all(c.num_samples == 12 for c in capped.clients)
+    # the largest are chosen by their full size, then capped: not alphabetically among equals
+    largest = build_clients(texts, tokenizer, DataConfig(seq_len=16, num_clients=1, max_samples_per_client=12))
+    assert [c.client_id for c in largest.clients] == ["z:big"]
+    np.testing.assert_array_equal(largest.clients[0].splits["train"], data.client("z:big").splits["train"][:10])
 
 
 def test_empty_client_and_impossible_lengths_are_named(tokenizer):
