@@ -45,7 +45,9 @@ def load_classification_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerB
     return [tokenize_task(task, tokenizer, cfg.seq_len) for task in tasks]
 
 
-def load_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[ClientSamples] | list[ClassificationSamples]:
+def load_clients(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> list[ClientSamples] | list[ClassificationSamples]:
     """The run's clients, sorted by id, whatever the source."""
     if cfg.source == "classification":
         return load_classification_clients(cfg, tokenizer)

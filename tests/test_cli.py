@@ -76,7 +76,14 @@ def test_sketch_writes_one_file_per_client(tmp_path):
 
 def test_sketch_of_classification_tasks(tmp_path):
     fixture = Path(__file__).parent / "fixtures" / "classification.jsonl"
-    args = ["--set", "model.name=tiny-random", "--set", "data.source='classification'", "--set", f"data.path='{fixture}'"]
+    args = [
+        "--set",
+        "model.name=tiny-random",
+        "--set",
+        "data.source='classification'",
+        "--set",
+        f"data.path='{fixture}'",
+    ]
     done = elora_fed("sketch", *args, "--set", "sketch.dim=16", "--set", "run_dir='out'", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (run,) = (tmp_path / "out").iterdir()
