@@ -59,7 +59,7 @@ class Batch:
 
 def lm_batch(tokens: np.ndarray) -> Batch:
     """Equal-length next-token samples (n, T)."""
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    ids = torch.tensor(np.asarray(tokens), dtype=torch.long)  # a copy: cached samples are read-only maps
     return Batch(ids, torch.ones_like(ids))
 
 
