@@ -54,6 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("sketch", help="every client's projected gradient features, one file each"))
     p.set_defaults(func=_sketch)
 
+    p = with_config(sub.add_parser("affinity", help="task affinity and groups from a folder of sketches"))
+    p.add_argument("sketches", type=Path, help="a sketches/ folder written by 'elora-fed sketch'")
+    p.set_defaults(func=_affinity)
+
     p = with_config(sub.add_parser("check", help="end-to-end check of base model and data (the demo job)"))
     p.add_argument("--eval-samples", type=int, default=4, help="validation samples per client to score")
     p.set_defaults(func=_check)
@@ -93,6 +97,12 @@ def _sketch(args: argparse.Namespace) -> None:
     from elora_fed.jobs import run_sketch
 
     run_sketch(_config(args))
+
+
+def _affinity(args: argparse.Namespace) -> None:
+    from elora_fed.jobs import run_affinity
+
+    run_affinity(_config(args), args.sketches)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,52 @@ class SketchConfig:
 
 
 @dataclass(frozen=True)
+class AffinityConfig:
+    """Task affinity from the sketches (``elora_fed.affinity``).
+
+    ``mode`` is ``exact`` (surrogate fine-tuning on the clients' features), ``private``
+    (only additive per-client statistics, ready for secure aggregation) or
+    ``gradient-cosine`` (the baseline). ``lam`` is the surrogate's L2 strength, calibrated
+    against real fine-tuning (``experiments/estimation_error.py`` reports its choice).
+    ``num_subsets`` random subsets of ``subset_size`` clients are solved, plus greedy ones
+    until every pair of clients shares a subset.
+    """
+
+    mode: str = "exact"
+    lam: float = 0.3
+    subset_size: int = 5
+    num_subsets: int = 200
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check_choice("affinity.mode", self.mode, ("exact", "private", "gradient-cosine"))
+        _check_range("affinity.lam", self.lam, low=0.0, inclusive_low=False)
+        _check_range("affinity.subset_size", self.subset_size, low=2)
+        _check_range("affinity.num_subsets", self.num_subsets, low=0)
+
+
+@dataclass(frozen=True)
+class ClusteringConfig:
+    """Grouping clients by affinity (``elora_fed.clustering``).
+
+    ``method``: ``fast`` (low-rank Burer-Monteiro relaxation), ``sdp`` (cvxpy, with
+    ``solver`` SCS or CLARABEL) or ``spectral`` (the baseline). ``num_groups = 0`` chooses
+    m automatically by average within-cluster density (not with ``spectral``).
+    """
+
+    method: str = "fast"
+    num_groups: int = 0
+    solver: str = "SCS"
+
+    def validate(self) -> None:
+        _check_choice("clustering.method", self.method, ("fast", "sdp", "spectral"))
+        _check_choice("clustering.solver", self.solver, ("SCS", "CLARABEL"))
+        _check_range("clustering.num_groups", self.num_groups, low=0)
+        if self.method == "spectral" and self.num_groups == 0:
+            raise ConfigError("clustering.method = 'spectral' needs clustering.num_groups > 0")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run."""
 
@@ -146,12 +192,16 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sketch: SketchConfig = field(default_factory=SketchConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.adapter.validate()
         self.data.validate()
         self.sketch.validate()
+        self.affinity.validate()
+        self.clustering.validate()
 
     def to_flat(self) -> dict[str, Any]:
         """The dotted-key mapping Flower uses, e.g. ``{"model.precision": "fp32", ...}``."""

@@ -5,12 +5,14 @@
   validation text under the base model in fp32 and 4-bit nf4 and under the tiny random
   model, attaches the seeded LoRA adapter and checks where its first gradient lands.
 - ``run_sketch``: every client's projected gradient features, one file per client.
+- ``run_affinity``: the task-affinity matrix from a folder of sketches, and the groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,15 +22,19 @@ from rich.progress import Progress
 from rich.table import Table
 
 from elora_fed.adapters import attach_lora
-from elora_fed.client_sketch import SketchMetadata, sketch_client
+from elora_fed.affinity import affinity_from_features, gradient_cosine_affinity
+from elora_fed.client_sketch import SketchMetadata, load_sketches, sketch_client
+from elora_fed.clustering import cluster, spectral_clustering
 from elora_fed.config import ModelConfig, RunConfig
 from elora_fed.evaluation import mean_token_loss
 from elora_fed.federated_data import load_clients, load_lm_clients
 from elora_fed.models import TINY_MODEL, load_base_model, load_tokenizer
+from elora_fed.plots import affinity_heatmap
 from elora_fed.projection import JLProjector
 from elora_fed.run_dir import create_run_dir, write_json
 from elora_fed.sketch import gradient_dim
 from elora_fed.splits import SPLITS
+from elora_fed.surrogate import task_features
 
 
 def run_check(config: RunConfig, eval_samples: int = 4) -> dict[str, Any]:
@@ -143,4 +149,50 @@ def run_sketch(config: RunConfig) -> dict[str, Any]:
     summary = {"clients": len(clients), "rows": rows, "seconds": seconds, "samples_per_s": rows / seconds}
     write_json(run / "sketch_summary.json", {**summary, "metadata": dataclasses.asdict(metadata)})
     console.print(f"sketched {rows} samples of {len(clients)} clients in {seconds:.1f} s into {run / 'sketches'}")
+    return summary
+
+
+def run_affinity(config: RunConfig, sketches: Path) -> dict[str, Any]:
+    """Affinity matrix, heatmap and groups of the clients sketched in ``sketches``."""
+    console = Console()
+    run = create_run_dir(config, "affinity")
+    loaded = load_sketches(sketches)
+    tasks = [task_features(s) for s in loaded]
+    ids = [s.client_id for s in loaded]
+    af, cl = config.affinity, config.clustering
+    start = time.perf_counter()
+    if af.mode == "gradient-cosine":
+        affinity, stages = gradient_cosine_affinity(tasks), {}
+    else:
+        result = affinity_from_features(tasks, af.subset_size, af.num_subsets, af.lam, af.seed, af.mode == "private")
+        affinity, stages = result.affinity, result.seconds
+    affinity_s = time.perf_counter() - start
+    console.log(f"affinity of {len(ids)} clients ({af.mode}) in {affinity_s:.1f} s")
+    start = time.perf_counter()
+    if cl.method == "spectral":
+        labels, objective = spectral_clustering(affinity, cl.num_groups, seed=config.seed), None
+    else:
+        grouping = cluster(affinity, cl.num_groups or None, method=cl.method, solver=cl.solver, seed=config.seed)
+        labels, objective = grouping.labels, grouping.objective
+    clustering_s = time.perf_counter() - start
+    groups = [[ids[i] for i in np.flatnonzero(labels == g)] for g in range(int(labels.max()) + 1)]
+    np.save(run / "affinity.npy", affinity)
+    affinity_heatmap(affinity, labels, ids, run / "affinity.png")
+    summary = {
+        "clients": ids,
+        "labels": labels.tolist(),
+        "groups": groups,
+        "num_groups": len(groups),
+        "average_density": objective,
+        "affinity_mode": af.mode,
+        "lam": af.lam,
+        "clustering_method": cl.method,
+        "seconds": {
+            "affinity": affinity_s,
+            "clustering": clustering_s,
+            **{f"affinity.{k}": v for k, v in stages.items()},
+        },
+    }
+    write_json(run / "groups.json", summary)
+    console.print(f"{len(groups)} groups of sizes {[len(g) for g in groups]}; written to {run}")
     return summary

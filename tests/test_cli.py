@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 TINY = ["--set", "model.name=tiny-random", "--set", "data.num_clients=3", "--set", "data.max_samples_per_client=12"]
 
 
@@ -92,3 +94,28 @@ def test_sketch_of_classification_tasks(tmp_path):
     sketches = load_sketches(run / "sketches")
     assert [s.client_id for s in sketches] == ["entailment", "sentiment", "topic"]
     assert all(s.metadata.task == "classification" and (s.labels >= 0).all() for s in sketches)
+
+
+def test_affinity_groups_sketched_clients(tmp_path):
+    six = ["--set", "model.name=tiny-random", "--set", "data.num_clients=6", "--set", "data.max_samples_per_client=12"]
+    assert elora_fed("sketch", *six, "--set", "sketch.dim=16", "--set", "run_dir='sk'", cwd=tmp_path).returncode == 0
+    (sketch_run,) = (tmp_path / "sk").iterdir()
+    small = ["--set", "affinity.subset_size=3", "--set", "affinity.num_subsets=10", "--set", "affinity.lam=0.1"]
+    variants = {
+        "private": ["--set", "affinity.mode='private'"],
+        "spectral": ["--set", "clustering.method='spectral'", "--set", "clustering.num_groups=2"],
+    }
+    for name, extra in variants.items():
+        done = elora_fed(
+            "affinity", str(sketch_run / "sketches"), *small, *extra, "--set", f"run_dir='{name}'", cwd=tmp_path
+        )
+        assert done.returncode == 0, done.stderr
+        (run,) = (tmp_path / name).iterdir()
+        groups = json.loads((run / "groups.json").read_text())
+        affinity = np.load(run / "affinity.npy")
+        assert affinity.shape == (6, 6) and (affinity == affinity.T).all()
+        assert sorted(c for g in groups["groups"] for c in g) == sorted(groups["clients"])  # a partition
+        assert (run / "affinity.png").stat().st_size > 1000
+    assert groups["num_groups"] == 2
+    done = elora_fed("affinity", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert done.returncode == 2 and "no client sketches" in done.stderr
