@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,13 @@ from elora_fed.splits import SPLITS
 from elora_fed.surrogate import task_features
 
 
+def _console() -> Console:
+    """Rich output; 120 columns when piped (rich would wrap tables at 80)."""
+    return Console() if sys.stdout.isatty() else Console(width=120)
+
+
 def run_check(config: RunConfig, eval_samples: int = 4) -> dict[str, Any]:
-    console = Console()
+    console = _console()
     run = create_run_dir(config, "check")
     console.log(f"run directory: {run}")
     tokenizer = load_tokenizer(config.model)
@@ -115,7 +121,7 @@ def _first_adapter_gradient(model: torch.nn.Module, config: RunConfig, tokens: n
 
 def run_sketch(config: RunConfig) -> dict[str, Any]:
     """Sketch the train and validation samples of every client into ``<run>/sketches/``."""
-    console = Console()
+    console = _console()
     run = create_run_dir(config, "sketch")
     tokenizer = load_tokenizer(config.model)
     clients = load_clients(config.data, tokenizer)
@@ -154,7 +160,7 @@ def run_sketch(config: RunConfig) -> dict[str, Any]:
 
 def run_affinity(config: RunConfig, sketches: Path) -> dict[str, Any]:
     """Affinity matrix, heatmap and groups of the clients sketched in ``sketches``."""
-    console = Console()
+    console = _console()
     run = create_run_dir(config, "affinity")
     loaded = load_sketches(sketches)
     tasks = [task_features(s) for s in loaded]
