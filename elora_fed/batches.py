@@ -34,7 +34,9 @@ class Batch:
         return int(self.input_ids.shape[0])
 
     def to(self, device: torch.device) -> Batch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
         return Batch(
             self.input_ids.to(device), self.attention_mask.to(device), move(self.labels), move(self.label_token_ids)
         )

@@ -24,7 +24,7 @@ holds at most ``buffer_mb`` of gradients (n x p) and one block of P (``block_row
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +86,7 @@ class _LoraBCapture:
             for handle in handles:
                 handle.remove()
 
-    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             self.inputs[name] = args[0].detach()
             output.register_hook(lambda grad: self.grads.__setitem__(name, grad.detach()))
