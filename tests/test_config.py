@@ -1,3 +1,4 @@
+import re
 import tomllib
 from pathlib import Path
 
@@ -59,3 +60,12 @@ def test_overrides_parse_like_flower_run_config():
     assert parse_override("data.val_fraction=0.2") == ("data.val_fraction", 0.2)
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("adapter.rank")
+
+
+def test_readme_config_reference_lists_every_key_with_its_default():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_.]+)` \| `([^`]*)` \|", readme, flags=re.MULTILINE))
+    defaults = RunConfig().to_flat()
+    assert set(rows) == set(defaults)
+    for key, value in defaults.items():
+        assert tomllib.loads(f"v = {rows[key]}")["v"] == value, key
