@@ -19,14 +19,12 @@ from transformers import PreTrainedTokenizerBase
 from clients.protocol import sketch_to_record
 from elora_fed.adapters import attach_lora
 from elora_fed.classification import ClassificationSamples
-from elora_fed.client_sketch import SketchMetadata, sketch_client
+from elora_fed.client_sketch import sketch_client, sketch_setup
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
 from elora_fed.models import load_base_model, load_tokenizer
-from elora_fed.projection import JLProjector
-from elora_fed.sketch import gradient_dim
 from elora_fed.training import adapter_state, load_adapter_state
 
 app = ClientApp()
@@ -88,20 +86,8 @@ def sketch_content(context: Context) -> RecordDict:
     client = client_for(context)
     model, theta_star = _adapted_model(config.model, config.adapter)
     load_adapter_state(model, theta_star)
+    projector, metadata = sketch_setup(model, config)
     sk = config.sketch
-    projector = JLProjector(gradient_dim(model), sk.dim, sk.seed, sk.projection, sk.block_rows)
-    metadata = SketchMetadata(
-        model=config.model.name,
-        precision=config.model.precision,
-        adapter_rank=config.adapter.rank,
-        adapter_target_modules=config.adapter.target_modules,
-        adapter_seed=config.adapter.seed,
-        projection=sk.projection,
-        projection_seed=sk.seed,
-        dim=sk.dim,
-        gradient_dim=projector.input_dim,
-        task="classification" if isinstance(client, ClassificationSamples) else "lm",
-    )
     pad = _tokenizer(config.model).pad_token_id
     result = sketch_client(model, client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad)
     return sketch_to_record(result)

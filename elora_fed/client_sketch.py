@@ -24,10 +24,11 @@ from torch import nn
 
 from elora_fed.batches import Batch, classification_batch, lm_batch
 from elora_fed.classification import ClassificationSamples
+from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
 from elora_fed.lm_samples import ClientSamples
 from elora_fed.projection import JLProjector
-from elora_fed.sketch import sketch_batches
+from elora_fed.sketch import gradient_dim, sketch_batches
 from elora_fed.splits import SPLITS
 
 
@@ -115,6 +116,28 @@ def load_sketches(folder: Path) -> list[ClientSketch]:
                 f"{first.metadata}, {other.client_id} has {other.metadata}"
             )
     return sketches
+
+
+def sketch_setup(model: nn.Module, config: RunConfig) -> tuple[JLProjector, SketchMetadata]:
+    """The projector and the metadata that a run's config defines for an adapted model.
+
+    Every client and the server derive them from the same config, so only seeds travel.
+    """
+    sk = config.sketch
+    projector = JLProjector(gradient_dim(model), sk.dim, sk.seed, sk.projection, sk.block_rows)
+    metadata = SketchMetadata(
+        model=config.model.name,
+        precision=config.model.precision,
+        adapter_rank=config.adapter.rank,
+        adapter_target_modules=config.adapter.target_modules,
+        adapter_seed=config.adapter.seed,
+        projection=sk.projection,
+        projection_seed=sk.seed,
+        dim=sk.dim,
+        gradient_dim=projector.input_dim,
+        task="classification" if config.data.source == "classification" else "lm",
+    )
+    return projector, metadata
 
 
 def sketch_client(

@@ -24,16 +24,14 @@ from rich.table import Table
 
 from elora_fed.adapters import attach_lora
 from elora_fed.affinity import affinity_from_features, gradient_cosine_affinity
-from elora_fed.client_sketch import SketchMetadata, load_sketches, sketch_client
+from elora_fed.client_sketch import load_sketches, sketch_client, sketch_setup
 from elora_fed.clustering import cluster, spectral_clustering
 from elora_fed.config import ModelConfig, RunConfig
 from elora_fed.evaluation import mean_token_loss
 from elora_fed.federated_data import load_clients, load_lm_clients
 from elora_fed.models import TINY_MODEL, load_base_model, load_tokenizer
 from elora_fed.plots import affinity_heatmap
-from elora_fed.projection import JLProjector
 from elora_fed.run_dir import create_run_dir, write_json
-from elora_fed.sketch import gradient_dim
 from elora_fed.splits import SPLITS
 from elora_fed.surrogate import task_features
 
@@ -126,20 +124,8 @@ def run_sketch(config: RunConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     clients = load_clients(config.data, tokenizer)
     model = attach_lora(load_base_model(config.model), config.adapter)
+    projector, metadata = sketch_setup(model, config)
     sk = config.sketch
-    projector = JLProjector(gradient_dim(model), sk.dim, sk.seed, sk.projection, sk.block_rows)
-    metadata = SketchMetadata(
-        model=config.model.name,
-        precision=config.model.precision,
-        adapter_rank=config.adapter.rank,
-        adapter_target_modules=config.adapter.target_modules,
-        adapter_seed=config.adapter.seed,
-        projection=sk.projection,
-        projection_seed=sk.seed,
-        dim=sk.dim,
-        gradient_dim=projector.input_dim,
-        task="classification" if config.data.source == "classification" else "lm",
-    )
     console.log(f"{len(clients)} clients, p = {projector.input_dim:,} gradient coordinates -> d = {sk.dim}")
     start, rows = time.perf_counter(), 0
     with Progress(console=console) as progress:
