@@ -35,8 +35,7 @@ baseline the SDP is compared against.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from elora_fed.errors import ConfigError, EloraFedError
+from elora_fed.threads import single_torch_thread
 
 SDP_SOLVERS = ("SCS", "CLARABEL")
 METHODS = ("fast", "sdp")
@@ -206,23 +206,6 @@ def _sinkhorn_rows(V: torch.Tensor, iterations: int = 200, tol: float = 1e-12) -
     return d[:, None] * V
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread, then restore the caller's setting.
-
-    The solver makes thousands of small BLAS calls; with several threads, each call waits for
-    all of them, and on a busy machine that wait dominates (a first version on scipy's
-    L-BFGS-B, whose BLAS threads cannot be limited from Python, took 50 s instead of 0.9 s at
-    n = 500 on a shared 2-core box). At these sizes one thread is about as fast as two.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def fast_relaxation(
     T: np.ndarray,
     m: int,
@@ -257,7 +240,7 @@ def fast_relaxation(
     A = torch.from_numpy(centered / max(float(np.abs(centered).max()), 1e-300))
     ones = torch.ones(n, dtype=torch.float64)
     y, rho = torch.zeros(n, dtype=torch.float64), 1.0
-    with _one_thread():
+    with single_torch_thread():  # see its docstring: scipy's threaded L-BFGS-B took 50 s, not 0.9 s, here
         start = _sinkhorn_rows(torch.from_numpy(np.random.default_rng(seed).uniform(size=(n, k))))
         U = start.sqrt()
         optimizer = torch.optim.LBFGS(

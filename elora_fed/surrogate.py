@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from elora_fed.client_sketch import ClientSketch
 from elora_fed.errors import ConfigError, DataError
+from elora_fed.threads import single_torch_thread
 
 
 @dataclass(frozen=True)
@@ -371,12 +372,8 @@ def _chunk_workers(device: torch.device) -> Iterator[int]:
     if device.type != "cpu":
         yield 1
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_torch_thread() as threads:
         yield threads
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_chunks(work: Callable[[np.ndarray], None], chunks: list[np.ndarray], workers: int) -> None:
