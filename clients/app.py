@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
 from clients.protocol import sketch_to_record
-from elora_fed.adapters import attach_lora
+from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.classification import ClassificationSamples
 from elora_fed.client_sketch import sketch_client, sketch_setup
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
@@ -25,7 +25,6 @@ from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
 from elora_fed.models import load_base_model, load_tokenizer
-from elora_fed.training import adapter_state, load_adapter_state
 
 app = ClientApp()
 

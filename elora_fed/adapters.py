@@ -1,4 +1,4 @@
-"""Attaching a seeded LoRA adapter (through peft) to the frozen base model.
+"""Attaching a seeded LoRA adapter (through peft) to the frozen base model, and reading or setting its weights.
 
 The adapter's initial value theta* must be identical on every client and on the server:
 A is random, B is zero, and A comes from ``adapter.seed`` alone, independent of the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
 from transformers import PreTrainedModel
 
 from elora_fed.config import AdapterConfig
@@ -38,6 +39,17 @@ def attach_lora(model: PreTrainedModel, cfg: AdapterConfig) -> PeftModel:
     return peft_model
 
 
-def trainable_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter's trainable tensors by name (what clients and the server exchange)."""
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the trainable (adapter) tensors, by name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Set the trainable tensors from ``state`` (e.g. back to theta*)."""
+    params = dict(model.named_parameters())
+    missing = set(state) - set(params)
+    if missing:
+        raise KeyError(f"adapter state has tensors the model lacks: {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

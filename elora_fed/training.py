@@ -16,22 +16,6 @@ from torch import nn
 from elora_fed.batches import Batch
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the trainable (adapter) tensors, by name."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Set the trainable tensors from ``state`` (e.g. back to theta*)."""
-    params = dict(model.named_parameters())
-    missing = set(state) - set(params)
-    if missing:
-        raise KeyError(f"adapter state has tensors the model lacks: {sorted(missing)[:3]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
 def log_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Per-sample log(1 + exp(-h)) for one batch, differentiable."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from elora_fed.adapters import attach_lora
+from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import Batch, lm_batch
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig
 from elora_fed.federated_data import load_lm_clients
@@ -38,7 +38,7 @@ from elora_fed.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
 from elora_fed.projection import JLProjector
 from elora_fed.sketch import gradient_dim, per_sample_gradients
 from elora_fed.surrogate import TaskFeatures, calibrate_lambda, calibration_errors, solve_subsets
-from elora_fed.training import adapter_state, evaluate_log_loss, load_adapter_state, train_adapter
+from elora_fed.training import evaluate_log_loss, train_adapter
 
 RESULTS = Path(__file__).parent / "results"
 ADAPTER = AdapterConfig(rank=4, alpha=8, target_modules="q_proj,v_proj", seed=0)

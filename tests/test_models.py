@@ -4,7 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from elora_fed import models
-from elora_fed.adapters import attach_lora, trainable_state
+from elora_fed.adapters import adapter_state, attach_lora
 from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.errors import ConfigError, ModelLoadError
 from elora_fed.models import convert_gguf, load_base_model, resolve_model
@@ -35,7 +35,7 @@ def test_nf4_uses_bitsandbytes_4bit_layers_with_double_quantization():
 def test_lora_initial_weights_come_from_the_seed_alone():
     def adapter(seed):
         torch.manual_seed(1234 + seed)  # the global RNG state must not matter
-        return trainable_state(attach_lora(load_base_model(TINY), AdapterConfig(seed=seed)))
+        return adapter_state(attach_lora(load_base_model(TINY), AdapterConfig(seed=seed)))
 
     first, again, other = adapter(0), adapter(0), adapter(1)
     assert first.keys() == again.keys()
@@ -46,8 +46,8 @@ def test_lora_initial_weights_come_from_the_seed_alone():
 
 
 def test_lora_rank_and_target_modules_are_configurable():
-    qv = trainable_state(attach_lora(load_base_model(TINY), AdapterConfig(rank=4)))
-    everything = trainable_state(attach_lora(load_base_model(TINY), AdapterConfig(rank=8, target_modules="all-linear")))
+    qv = adapter_state(attach_lora(load_base_model(TINY), AdapterConfig(rank=4)))
+    everything = adapter_state(attach_lora(load_base_model(TINY), AdapterConfig(rank=8, target_modules="all-linear")))
     assert {k.split(".")[-4] for k in qv} == {"q_proj", "v_proj"}
     assert {k.split(".")[-4] for k in everything} >= {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}
     assert next(v for k, v in everything.items() if "lora_A" in k).shape[0] == 8

@@ -1,11 +1,11 @@
 import numpy as np
 import torch
 
-from elora_fed.adapters import attach_lora
+from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import lm_batch
 from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.models import load_base_model
-from elora_fed.training import adapter_state, evaluate_log_loss, load_adapter_state, train_adapter
+from elora_fed.training import evaluate_log_loss, train_adapter
 
 
 def test_training_lowers_the_log_loss_and_theta_star_can_be_restored():
