@@ -1,36 +1,57 @@
 """The ClientApp: one Flower client per task (a Shakespeare role or a classification task).
 
 A node's ``partition-id`` selects the client at that index of the run's clients, sorted by
-id. Heavy state (tokenizer, prepared samples, the base model with its adapter) lives in a
-per-process cache, because Flower recreates the ClientApp for every message: the base
-model is loaded once per worker process, and the adapter is reset to theta* (or set to the
-received weights) per message instead of being rebuilt.
+id. Every request carries the run config (``clients.protocol``). Heavy state (tokenizer,
+prepared samples, the base model with its adapter) lives in a per-process cache, because
+Flower recreates the ClientApp for every message: the base model is loaded once per worker
+process, and each handler sets the adapter weights it needs (theta*, the received adapter,
+a group's ensemble members) instead of rebuilding anything.
 """
 
 from __future__ import annotations
 
+import time
+import zlib
+from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
-from clients.protocol import sketch_to_record
+from clients.protocol import Metrics, ensemble_from, number, run_config, sketch_to_record
 from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.batches import Batch, client_batches
 from elora_fed.classification import ClassificationSamples
 from elora_fed.client_sketch import sketch_client, sketch_setup
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
+from elora_fed.ensemble import (
+    AdapterState,
+    GroupAdapters,
+    Outputs,
+    adapter_outputs,
+    combine,
+    fit_weights,
+    group_outputs,
+    residual_targets,
+)
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
-from elora_fed.models import load_base_model, load_tokenizer
+from elora_fed.sketch import sketch_batches
+from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
 
 app = ClientApp()
+
+Samples = ClientSamples | ClassificationSamples
 
 
 @lru_cache(maxsize=1)
 def _tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    from elora_fed.models import load_tokenizer
+
     return load_tokenizer(model)
 
 
@@ -40,15 +61,31 @@ def _clients(model: ModelConfig, data: DataConfig) -> list[ClientSamples] | list
 
 
 @lru_cache(maxsize=1)
-def _adapted_model(model: ModelConfig, adapter: AdapterConfig) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def _adapted_model(model: ModelConfig, adapter: AdapterConfig) -> tuple[torch.nn.Module, AdapterState]:
     """The base model with its seeded adapter, loaded once per process, and theta*."""
+    from elora_fed.models import load_base_model
+
     peft_model = attach_lora(load_base_model(model), adapter)
     return peft_model, adapter_state(peft_model)
 
 
-def client_for(context: Context) -> ClientSamples | ClassificationSamples:
+@dataclass(frozen=True)
+class Node:
+    """What a handler works with: the run config, this node's client and the shared model."""
+
+    config: RunConfig
+    client: Samples
+    model: torch.nn.Module
+    theta_star: AdapterState
+
+    def batches(self, split: str, batch_size: int | None = None) -> list[Batch]:
+        size = batch_size or self.config.sketch.batch_size
+        pad = _tokenizer(self.config.model).pad_token_id
+        return [b for _, b in client_batches(self.client, split, size, pad)]
+
+
+def client_for(config: RunConfig, context: Context) -> Samples:
     """This node's client: the one at index ``partition-id`` of the sorted client list."""
-    config = RunConfig.from_flat(context.run_config)
     clients = _clients(config.model, config.data)
     partition = int(context.node_config["partition-id"])
     if not 0 <= partition < len(clients):
@@ -56,43 +93,176 @@ def client_for(context: Context) -> ClientSamples | ClassificationSamples:
     return clients[partition]
 
 
+def node_for(content: RecordDict, context: Context) -> Node:
+    config = run_config(content)
+    client = client_for(config, context)
+    model, theta_star = _adapted_model(config.model, config.adapter)
+    return Node(config, client, model, theta_star)
+
+
 @app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
-    """Reply with this client's id and its number of samples per split."""
-    client = client_for(context)
-    content = RecordDict(
+    """Reply with this client's id and its number of samples per split (and theta* if asked)."""
+    return Message(stats_content(msg.content, context), reply_to=msg)
+
+
+def stats_content(content: RecordDict, context: Context) -> RecordDict:
+    config = run_config(content)
+    client = client_for(config, context)
+    reply = RecordDict(
         {
             "client": ConfigRecord({"client_id": client.client_id}),
             "samples": MetricRecord({split: _count(client, split) for split in client.splits}),
         }
     )
-    return Message(content, reply_to=msg)
+    options = content.config_records.get("options")
+    if options is not None and bool(options.get("with-theta-star", False)):
+        reply["theta-star"] = ArrayRecord(_adapted_model(config.model, config.adapter)[1])
+    return reply
 
 
 @app.query("sketch")
 def sketch(msg: Message, context: Context) -> Message:
     """Reply with this client's sketch (``sketch_content``)."""
-    return Message(sketch_content(context), reply_to=msg)
+    return Message(sketch_content(msg.content, context), reply_to=msg)
 
 
-def sketch_content(context: Context) -> RecordDict:
+def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     """This client's sketch: b and projected gradients of its train and validation samples.
 
     The model, adapter seed and projection seed come from the run config, which the server
     and every client share; only the seeds define theta* and P.
     """
-    config = RunConfig.from_flat(context.run_config)
-    client = client_for(context)
-    model, theta_star = _adapted_model(config.model, config.adapter)
-    load_adapter_state(model, theta_star)
-    projector, metadata = sketch_setup(model, config)
-    sk = config.sketch
-    pad = _tokenizer(config.model).pad_token_id
-    result = sketch_client(model, client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad)
+    node = node_for(content, context)
+    load_adapter_state(node.model, node.theta_star)
+    projector, metadata = sketch_setup(node.model, node.config)
+    sk = node.config.sketch
+    pad = _tokenizer(node.config.model).pad_token_id
+    result = sketch_client(node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad)
     return sketch_to_record(result)
 
 
-def _count(client: ClientSamples | ClassificationSamples, split: str) -> int:
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the received adapter; reply with the update and its sample count."""
+    return Message(train_content(msg.content, context), reply_to=msg)
+
+
+def train_content(content: RecordDict, context: Context) -> RecordDict:
+    """``local-steps`` Adam steps on this client's train split.
+
+    Objective ``fit``: the log loss of every target (group adapters). ``boost``: least
+    squares of the new adapter's change of h from theta* against the residuals of the
+    group's current ensemble (carried in the request).
+    """
+    start = time.perf_counter()
+    node = node_for(content, context)
+    options = content.config_records["config"]
+    batches = node.batches("train", int(number(options, "batch-size")))
+    objective: Objective = target_log_loss
+    if str(options.get("objective", "fit")) == "boost":
+        (group,) = ensemble_from(content).values()
+        objective = boost_objective(*_boost_targets(node, batches, group))
+    load_adapter_state(node.model, content.array_records["arrays"].to_torch_state_dict())
+    seed = zlib.crc32(f"{options.get('seed', '')!s}:{node.client.client_id}".encode())
+    losses = train_adapter(
+        node.model,
+        batches,
+        steps=int(number(options, "local-steps")),
+        lr=number(options, "lr"),
+        seed=seed,
+        objective=objective,
+        proximal_mu=number(options, "proximal-mu", 0.0),
+    )
+    metrics: Metrics = {
+        "num-examples": sum(len(b) for b in batches),
+        "train-loss": float(np.mean(losses)),
+        "compute-s": time.perf_counter() - start,
+    }
+    return RecordDict({"arrays": ArrayRecord(adapter_state(node.model)), "metrics": MetricRecord(metrics)})
+
+
+def _boost_targets(
+    node: Node, batches: list[Batch], group: GroupAdapters
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per batch: residuals r = 1 - p under the group's ensemble, and h at theta*."""
+    targets, base = [], []
+    for batch in batches:
+        h = group_outputs(node.model, [batch], group, node.theta_star, node.config.boost.eta).per_sample()
+        targets.append(residual_targets(h))
+        base.append(adapter_outputs(node.model, [batch], node.theta_star).per_sample())
+    return targets, base
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Loss and accuracy of the received ensemble on one of this client's splits."""
+    return Message(evaluate_content(msg.content, context), reply_to=msg)
+
+
+def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
+    """Evaluate the groups in the request on ``split``, combined with ``weights``.
+
+    With ``fit-weights`` the weights are learned here first, on this same split (the server
+    sends the validation split for that), and returned.
+    """
+    start = time.perf_counter()
+    node = node_for(content, context)
+    options = content.config_records["config"]
+    groups = ensemble_from(content)
+    if not groups:
+        raise DataError("evaluate request without adapters")
+    batches = node.batches(str(options["split"]))
+    outputs = [group_outputs(node.model, batches, g, node.theta_star, node.config.boost.eta) for g in groups.values()]
+    if bool(options.get("fit-weights", False)):
+        ens = node.config.ensemble
+        weights = fit_weights(outputs, ens.weight_steps, ens.weight_lr)
+    else:
+        weights = np.asarray(options["weights"], dtype=np.float64)
+    combined: Outputs = combine(outputs, weights)
+    metrics: Metrics = {
+        "loss": combined.loss(),
+        "accuracy": combined.accuracy(),
+        "num-examples": combined.num_targets,
+        "weights": [float(w) for w in weights],
+        "compute-s": time.perf_counter() - start,
+    }
+    return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+@app.query("boost")
+def boost(msg: Message, context: Context) -> Message:
+    """Residual targets and projected gradients of this client's train samples, for boosting."""
+    return Message(boost_content(msg.content, context), reply_to=msg)
+
+
+def boost_content(content: RecordDict, context: Context) -> RecordDict:
+    """r = 1 - p under the group's current ensemble, and the sketch features at theta*, per train sample."""
+    start = time.perf_counter()
+    node = node_for(content, context)
+    (group,) = ensemble_from(content).values()
+    batches = node.batches("train")
+    residuals = residual_targets(
+        group_outputs(node.model, batches, group, node.theta_star, node.config.boost.eta).per_sample()
+    )
+    load_adapter_state(node.model, node.theta_star)
+    projector, _ = sketch_setup(node.model, node.config)
+    features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features
+    arrays = {
+        "sample_index": np.arange(len(residuals), dtype=np.int32),
+        "residuals": residuals.numpy().astype(np.float32),
+        "features": features.numpy().astype(np.float32),
+    }
+    metrics: Metrics = {"num-examples": len(residuals), "compute-s": time.perf_counter() - start}
+    return RecordDict(
+        {
+            "boost": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord(metrics),
+        }
+    )
+
+
+def _count(client: Samples, split: str) -> int:
     if isinstance(client, ClientSamples):
         return len(client.splits[split])
     return len(client.splits[split].labels)

@@ -1,21 +1,102 @@
-"""How sketches travel in Flower messages: the records a client sends and the server reads.
+"""The message protocol between the server's phases and the ClientApp: records and their decoding.
 
-A sketch reply holds one ArrayRecord ``sketch`` (split codes, sample indices, base outputs,
-projected gradients, labels) and one ConfigRecord ``sketch_meta`` (the client id and the
-settings the sketch was made with, as JSON). Decoding checks every field, so a malformed
-reply is a named error rather than a crash later.
+Every request carries the run's resolved config as JSON in the ConfigRecord ``run``: the
+server is the one source of the configuration (defaults, preset, ``--run-config`` and a
+resumed run's saved config alike), so every launcher configures clients the same way.
+
+- ``query.stats``: reply ``client`` (ConfigRecord: client id) and ``samples`` (MetricRecord:
+  samples per split); with ``with-theta-star`` set, also ``theta-star`` (the initial adapter).
+- ``query.sketch``: reply ``sketch`` (ArrayRecord: split codes, sample indices, base outputs,
+  projected gradients, labels) and ``sketch_meta`` (ConfigRecord: client id, settings).
+- ``train``: ``arrays`` (the adapter to start from) and ``config`` (local steps, lr, batch
+  size, seed, objective ``fit`` or ``boost``; Flower strategies add ``server-round`` and,
+  FedProx, ``proximal-mu``); a ``boost`` request also carries the group's ensemble.
+  Reply ``arrays`` and ``metrics`` (``num-examples``, ``train-loss``, ``compute-s``).
+- ``evaluate``: the ensemble (ArrayRecords ``group.G.base`` and ``group.G.boost.T``) and
+  ``config`` (``split``; ``weights`` per group in ``groups`` order, or ``fit-weights``).
+  Reply ``metrics``: ``loss``, ``accuracy``, ``num-examples`` (targets), ``weights``.
+- ``query.boost``: one group's ensemble; reply ``boost`` (ArrayRecord: sample indices,
+  residual targets r = 1 - p, projected gradients at theta*) and ``metrics``.
+
+Decoding checks every field, so a malformed message is a named error, not a crash later.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from elora_fed.client_sketch import ClientSketch, SketchMetadata
+from elora_fed.config import RunConfig
+from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import DataError
+
+_MEMBER = re.compile(r"group\.(\d+)\.(base|boost\.(\d+))")
+
+
+def run_record(config: RunConfig) -> ConfigRecord:
+    return ConfigRecord({"config": json.dumps(config.to_flat())})
+
+
+def run_config(content: RecordDict) -> RunConfig:
+    """The run config a request carries; ConfigError for bad keys or values, DataError if absent."""
+    try:
+        flat = json.loads(str(content.config_records["run"]["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"request without a readable run config: {type(e).__name__}: {e}") from e
+    return RunConfig.from_flat(flat)
+
+
+Metrics = dict[str, int | float | list[int] | list[float]]
+"""What a MetricRecord holds."""
+
+
+def number(record: ConfigRecord | MetricRecord, key: str, default: float | None = None) -> float:
+    """A numeric field of a record; DataError naming the field if it is missing or not a number."""
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DataError(f"malformed message: field '{key}' = {value!r} is not a number")
+    return float(value)
+
+
+def ensemble_records(groups: Mapping[int, GroupAdapters]) -> dict[str, ArrayRecord]:
+    """The ArrayRecords that carry groups' adapters: ``group.G.base`` and ``group.G.boost.T``."""
+    records = {}
+    for g, group in groups.items():
+        records[f"group.{g}.base"] = ArrayRecord(group.base)
+        for t, boost in enumerate(group.boosts):
+            records[f"group.{g}.boost.{t}"] = ArrayRecord(boost)
+    return records
+
+
+def ensemble_from(content: RecordDict) -> dict[int, GroupAdapters]:
+    """The groups' adapters in a request, by group id; DataError if a boost has no base."""
+    bases: dict[int, AdapterState] = {}
+    boosts: dict[int, dict[int, AdapterState]] = {}
+    for name, record in content.array_records.items():
+        match = _MEMBER.fullmatch(name)
+        if match is None:
+            continue
+        g = int(match.group(1))
+        try:
+            state = record.to_torch_state_dict()
+        except Exception as e:  # Flower raises plain exceptions for undecodable arrays
+            raise DataError(f"malformed adapter '{name}': {e}") from e
+        if match.group(3) is None:
+            bases[g] = state
+        else:
+            boosts.setdefault(g, {})[int(match.group(3))] = state
+    if set(boosts) - set(bases):
+        raise DataError(f"boosting adapters for groups {sorted(set(boosts) - set(bases))} without their base adapter")
+    return {
+        g: GroupAdapters(bases[g], [boosts.get(g, {})[t] for t in sorted(boosts.get(g, {}))]) for g in sorted(bases)
+    }
+
 
 SKETCH_ARRAYS = ("split", "sample_index", "outputs", "features", "labels")
 

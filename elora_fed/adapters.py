@@ -7,13 +7,20 @@ global RNG state and of the device.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from elora_fed.config import AdapterConfig
-from elora_fed.errors import ConfigError
+from elora_fed.errors import ConfigError, DataError
+from elora_fed.paths import atomic_directory
+
+_ADAPTER_NAME = ".default."  # peft's name for the one adapter, which its saved files leave out
 
 
 def lora_config(cfg: AdapterConfig) -> LoraConfig:
@@ -53,3 +60,32 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+def save_peft_adapter(state: dict[str, torch.Tensor], cfg: AdapterConfig, base_model: str, path: Path) -> Path:
+    """Write ``state`` as a peft adapter directory (``PeftModel.from_pretrained`` loads it), atomically."""
+    config = lora_config(cfg)
+    config.base_model_name_or_path = base_model
+    tensors = {name.replace(_ADAPTER_NAME, "."): t.detach().cpu().contiguous() for name, t in state.items()}
+    with atomic_directory(path) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+    return path
+
+
+def load_peft_adapter(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter tensors of a directory written by ``save_peft_adapter``, named as in the model."""
+    file = path / "adapter_model.safetensors"
+    try:
+        json.loads((path / "adapter_config.json").read_text())
+        tensors = load_file(str(file))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read the adapter in {path}: {e}") from e
+    return {_with_adapter_name(name): t for name, t in tensors.items()}
+
+
+def _with_adapter_name(name: str) -> str:
+    for part in (".lora_A.", ".lora_B."):
+        if part in name:
+            return name.replace(part, f"{part[:-1]}{_ADAPTER_NAME}", 1)
+    return name

@@ -12,13 +12,15 @@ keeps real tokens from attending to padding, so padding never changes another sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from elora_fed.log_odds import label_log_odds, lm_log_odds
+from elora_fed.classification import ClassificationSamples
+from elora_fed.lm_samples import ClientSamples
+from elora_fed.log_odds import label_log_odds, lm_log_odds, log_odds
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,17 @@ class Batch:
         assert self.label_token_ids is not None
         return label_log_odds(logits, self.attention_mask, self.label_token_ids, self.labels)
 
+    def position_outputs(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h at every target of every sample, (n, P), and the mask (n, P) of real targets.
+
+        Language modelling: P = T - 1 next-token targets (``outputs`` is their masked mean).
+        Classification: P = 1, the answer.
+        """
+        if self.labels is None:
+            return log_odds(logits[:, :-1], self.input_ids[:, 1:]), self.attention_mask[:, 1:].bool()
+        h = self.outputs(logits).unsqueeze(1)
+        return h, torch.ones_like(h, dtype=torch.bool)
+
 
 def lm_batch(tokens: np.ndarray) -> Batch:
     """Equal-length next-token samples (n, T)."""
@@ -76,3 +89,21 @@ def classification_batch(
         ids[row, : len(prompt)] = torch.as_tensor(list(prompt))
         mask[row, : len(prompt)] = 1
     return Batch(ids, mask, torch.as_tensor(list(labels)), torch.as_tensor(list(label_token_ids)))
+
+
+def client_batches(
+    samples: ClientSamples | ClassificationSamples, split: str, batch_size: int, pad_token_id: int
+) -> Iterator[tuple[int, Batch]]:
+    """One split of a client in order, as (index of the first sample, batch) pairs."""
+    if isinstance(samples, ClientSamples):
+        tokens = samples.splits[split]
+        for start in range(0, len(tokens), batch_size):
+            yield start, lm_batch(tokens[start : start + batch_size])
+        return
+    prompts = samples.splits[split]
+    for start in range(0, len(prompts.input_ids), batch_size):
+        stop = start + batch_size
+        batch = classification_batch(
+            prompts.input_ids[start:stop], prompts.labels[start:stop], samples.label_token_ids, pad_token_id
+        )
+        yield start, batch

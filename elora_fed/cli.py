@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sketches", type=Path, help="a sketches/ folder written by 'elora-fed sketch'")
     p.set_defaults(func=_affinity)
 
+    p = with_config(sub.add_parser("run", help="the federated EnsembleLoRA pipeline, simulated on Ray"))
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--ray-address", help="attach to a running Ray cluster ('auto' or host:port)")
+    p.set_defaults(func=_run)
+
     p = with_config(sub.add_parser("check", help="end-to-end check of base model and data (the demo job)"))
     p.add_argument("--eval-samples", type=int, default=4, help="validation samples per client to score")
     p.set_defaults(func=_check)
@@ -91,6 +96,15 @@ def _check(args: argparse.Namespace) -> None:
     from elora_fed.jobs import run_check
 
     run_check(_config(args), eval_samples=args.eval_samples)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from strategies.simulation import resume_config, simulate
+
+    config = resume_config(args.resume) if args.resume else _config(args)
+    if args.ray_address:
+        config = RunConfig.from_flat({"federation.ray_address": args.ray_address}, base=config)
+    simulate(config)
 
 
 def _sketch(args: argparse.Namespace) -> None:

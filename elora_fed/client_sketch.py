@@ -15,14 +15,14 @@ import json
 import os
 import re
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
-from elora_fed.batches import Batch, classification_batch, lm_batch
+from elora_fed.batches import Batch, client_batches
 from elora_fed.classification import ClassificationSamples
 from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
@@ -156,7 +156,7 @@ def sketch_client(
     labels: list[int] = []
     batches: list[Batch] = []
     for split in splits:
-        for start, batch in _split_batches(samples, split, batch_size, pad_token_id):
+        for start, batch in client_batches(samples, split, batch_size, pad_token_id):
             codes.extend([SPLITS.index(split)] * len(batch))
             indices.extend(range(start, start + len(batch)))
             labels.extend([-1] * len(batch) if batch.labels is None else batch.labels.tolist())
@@ -173,23 +173,6 @@ def sketch_client(
         labels=np.asarray(labels, dtype=np.int32),
         metadata=metadata,
     )
-
-
-def _split_batches(
-    samples: ClientSamples | ClassificationSamples, split: str, batch_size: int, pad_token_id: int
-) -> Iterator[tuple[int, Batch]]:
-    if isinstance(samples, ClientSamples):
-        tokens = samples.splits[split]
-        for start in range(0, len(tokens), batch_size):
-            yield start, lm_batch(tokens[start : start + batch_size])
-        return
-    prompts = samples.splits[split]
-    for start in range(0, len(prompts.input_ids), batch_size):
-        stop = start + batch_size
-        batch = classification_batch(
-            prompts.input_ids[start:stop], prompts.labels[start:stop], samples.label_token_ids, pad_token_id
-        )
-        yield start, batch
 
 
 def _file_stem(client_id: str) -> str:

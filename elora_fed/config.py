@@ -183,17 +183,139 @@ class ClusteringConfig:
 
 
 @dataclass(frozen=True)
+class FederationConfig:
+    """How the server talks to the federation.
+
+    ``num_nodes`` is how many nodes the server waits for before the first phase (nodes
+    register asynchronously); ``0`` means one per client of the data config. ``wait_s``
+    bounds that wait and ``timeout_s`` bounds every exchange of messages (stragglers past it
+    are left out of that round). ``ray_address`` attaches ``elora-fed run`` to a running Ray
+    cluster (``auto`` or ``host:port``); empty starts a local one. ``cpus_per_client`` and
+    ``gpus_per_client`` size each simulated client's Ray actor.
+    """
+
+    num_nodes: int = 0
+    wait_s: float = 300.0
+    timeout_s: float = 3600.0
+    ray_address: str = ""
+    cpus_per_client: float = 1.0
+    gpus_per_client: float = 0.0
+
+    def validate(self) -> None:
+        _check_range("federation.num_nodes", self.num_nodes, low=0)
+        _check_range("federation.wait_s", self.wait_s, low=0.0, inclusive_low=False)
+        _check_range("federation.timeout_s", self.timeout_s, low=0.0, inclusive_low=False)
+        _check_range("federation.cpus_per_client", self.cpus_per_client, low=0.0, inclusive_low=False)
+        _check_range("federation.gpus_per_client", self.gpus_per_client, low=0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Federated training of one adapter per group (and of the trained boosting adapters).
+
+    Each of ``rounds`` rounds samples ``fraction`` of every group's clients (at least one),
+    each runs ``local_steps`` Adam steps of ``batch_size`` samples at learning rate ``lr``,
+    and the group's updates are aggregated by ``aggregation``: a Flower strategy class as a
+    dotted path (``flwr.serverapp.strategy:FedAvg``, ``:FedProx``, ``:FedAdam``, or your own).
+    ``proximal_mu`` is FedProx's mu (sent to clients by FedProx only).
+    """
+
+    rounds: int = 3
+    local_steps: int = 4
+    lr: float = 0.002
+    batch_size: int = 8
+    fraction: float = 1.0
+    aggregation: str = "flwr.serverapp.strategy:FedAvg"
+    proximal_mu: float = 0.01
+
+    def validate(self) -> None:
+        _check_range("train.rounds", self.rounds, low=0)
+        _check_range("train.local_steps", self.local_steps, low=1)
+        _check_range("train.lr", self.lr, low=0.0, inclusive_low=False)
+        _check_range("train.batch_size", self.batch_size, low=1)
+        _check_range("train.fraction", self.fraction, low=0.0, high=1.0, inclusive_low=False)
+        _check_range("train.proximal_mu", self.proximal_mu, low=0.0)
+        _check_dotted_path("train.aggregation", self.aggregation)
+
+
+@dataclass(frozen=True)
+class BoostConfig:
+    """Boosting after group training (METHOD.md, section 5.2).
+
+    Up to ``steps`` times, the group with the highest training loss gets a new adapter fit by
+    least squares to the residuals r = 1 - p of its current ensemble, as a change of the
+    output from theta*. ``variant`` ``first-order`` fits it in sketch space (ridge ``ridge``)
+    and lifts it with P; ``trained`` trains it federatedly for ``rounds`` rounds. The
+    group's output becomes h_0 + ``eta`` * sum of the changes. Boosting stops early when the
+    group's training loss no longer drops.
+    """
+
+    steps: int = 1
+    variant: str = "first-order"
+    eta: float = 0.1
+    ridge: float = 1.0
+    rounds: int = 2
+
+    def validate(self) -> None:
+        _check_range("boost.steps", self.steps, low=0)
+        _check_choice("boost.variant", self.variant, ("first-order", "trained"))
+        _check_range("boost.eta", self.eta, low=0.0, inclusive_low=False)
+        _check_range("boost.ridge", self.ridge, low=0.0, inclusive_low=False)
+        _check_range("boost.rounds", self.rounds, low=1)
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """The weights that combine the groups' outputs for each client, learned on its validation split."""
+
+    weight_steps: int = 200
+    weight_lr: float = 0.1
+
+    def validate(self) -> None:
+        _check_range("ensemble.weight_steps", self.weight_steps, low=0)
+        _check_range("ensemble.weight_lr", self.weight_lr, low=0.0, inclusive_low=False)
+
+
+@dataclass(frozen=True)
+class StrategiesConfig:
+    """The server's replaceable phases, as dotted paths ``module:Class``.
+
+    ``affinity`` turns the clients' sketches into a task-affinity matrix and ``clustering``
+    turns that into groups; see ``strategies.phases`` for the interfaces and
+    ``experiments/custom_strategy.py`` for a worked replacement. Federated aggregation is
+    ``train.aggregation``.
+    """
+
+    affinity: str = "strategies.phases:SurrogateAffinity"
+    clustering: str = "strategies.phases:SDPClustering"
+
+    def validate(self) -> None:
+        _check_dotted_path("strategies.affinity", self.affinity)
+        _check_dotted_path("strategies.clustering", self.clustering)
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """The whole configuration of one run."""
+    """The whole configuration of one run.
+
+    ``resume`` is the run directory of an interrupted pipeline run to continue (set by
+    ``elora-fed run --resume``); empty starts a new run under ``run_dir``.
+    """
 
     seed: int = 0
     run_dir: str = "runs"
+    resume: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sketch: SketchConfig = field(default_factory=SketchConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    boost: BoostConfig = field(default_factory=BoostConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    strategies: StrategiesConfig = field(default_factory=StrategiesConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -202,6 +324,11 @@ class RunConfig:
         self.sketch.validate()
         self.affinity.validate()
         self.clustering.validate()
+        self.federation.validate()
+        self.train.validate()
+        self.boost.validate()
+        self.ensemble.validate()
+        self.strategies.validate()
 
     def to_flat(self) -> dict[str, Any]:
         """The dotted-key mapping Flower uses, e.g. ``{"model.precision": "fp32", ...}``."""
@@ -274,6 +401,12 @@ def _check_range(
         raise ConfigError(
             f"config key '{key}' = {value!r} is out of range: must be {' and '.join(filter(None, [lo, hi]))}"
         )
+
+
+def _check_dotted_path(key: str, value: str) -> None:
+    module, sep, name = value.partition(":")
+    if not sep or not module or not name.isidentifier():
+        raise ConfigError(f"config key '{key}' = {value!r} is not a dotted path of the form 'package.module:Class'")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

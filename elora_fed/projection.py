@@ -111,3 +111,14 @@ class JLProjector:
             for chunk, out in zip(chunks, outs, strict=True):
                 out += chunk[:, start:stop].to(torch.float32) @ block
         return torch.cat(outs)
+
+    def lift(self, w: torch.Tensor) -> torch.Tensor:
+        """``P @ w`` for a d-vector ``w``: the p-dimensional vector a sketch-space solution stands for."""
+        if w.shape != (self.output_dim,):
+            raise ValueError(f"w has shape {tuple(w.shape)}, the projector's d is {self.output_dim}")
+        w = w.to(torch.float32)
+        parts = [
+            self.block(start, min(self.input_dim, start + self.block_rows), w.device) @ w
+            for start in range(0, self.input_dim, self.block_rows)
+        ]
+        return torch.cat(parts)

@@ -1,0 +1,149 @@
+"""The ensemble's arithmetic: group outputs with boosting, learned group weights, and metrics.
+
+Every prediction is the scalar log-odds h of a target (``elora_fed.log_odds``). A group's
+output is its FedAvg adapter's h plus ``eta`` times each boosting adapter's *change* of h
+from theta* (h_t - h*): a boosting adapter is fit to residuals as such a change, so the
+same scalar it was fit to is what gets added (METHOD.md's scale trap). A client's
+prediction is a weighted sum of the groups' outputs, with weights on the simplex learned
+on its validation split.
+
+Metrics, the same for single adapters and ensembles: the loss of a target is
+log(1 + exp(-h)) (for one model, exactly the cross-entropy -log p_y of that target), and
+a target counts as correct when p_y > 1/2, i.e. h > 0 (for two label words, the argmax).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from elora_fed.adapters import load_adapter_state
+from elora_fed.batches import Batch
+from elora_fed.projection import JLProjector
+
+AdapterState = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GroupAdapters:
+    """One group's adapters: the FedAvg adapter and the boosting adapters added to it."""
+
+    base: AdapterState
+    boosts: list[AdapterState] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """h at every target (n, P) of a split's samples, and which targets are real (n, P)."""
+
+    h: torch.Tensor
+    mask: torch.Tensor
+
+    def per_sample(self) -> torch.Tensor:
+        """Each sample's mean h over its real targets: the h that sketches and boosting use."""
+        mask = self.mask.to(self.h.dtype)
+        return (self.h * mask).sum(1) / mask.sum(1)
+
+    def loss(self) -> float:
+        return float(torch.nn.functional.softplus(-self.h[self.mask]).mean())
+
+    def accuracy(self) -> float:
+        return float((self.h[self.mask] > 0).float().mean())
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.mask.sum())
+
+
+@torch.no_grad()
+def adapter_outputs(model: nn.Module, batches: Sequence[Batch], state: AdapterState) -> Outputs:
+    """h at every target of ``batches`` with the adapter set to ``state``."""
+    load_adapter_state(model, state)
+    device = next(model.parameters()).device
+    hs, masks = [], []
+    for batch in batches:
+        b = batch.to(device)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        h, mask = b.position_outputs(logits)
+        hs.append(h.float().cpu())
+        masks.append(mask.cpu())
+    width = max(h.shape[1] for h in hs)
+    return Outputs(
+        torch.cat([torch.nn.functional.pad(h, (0, width - h.shape[1])) for h in hs]),
+        torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]),
+    )
+
+
+def group_outputs(
+    model: nn.Module, batches: Sequence[Batch], group: GroupAdapters, theta_star: AdapterState, eta: float
+) -> Outputs:
+    """A group's output h_0 + eta * sum_t (h_t - h*) at every target of ``batches``."""
+    out = adapter_outputs(model, batches, group.base)
+    if not group.boosts:
+        return out
+    base = adapter_outputs(model, batches, theta_star).h
+    h = out.h.clone()
+    for boost in group.boosts:
+        h += eta * (adapter_outputs(model, batches, boost).h - base)
+    return Outputs(h, out.mask)
+
+
+def combine(outputs: Sequence[Outputs], weights: np.ndarray) -> Outputs:
+    """The weighted sum of the groups' outputs (all over the same samples)."""
+    if len(outputs) != len(weights):
+        raise ValueError(f"{len(outputs)} group outputs but {len(weights)} weights")
+    h = sum((float(w) * o.h for w, o in zip(weights, outputs, strict=True)), torch.zeros_like(outputs[0].h))
+    return Outputs(h, outputs[0].mask)
+
+
+def fit_weights(outputs: Sequence[Outputs], steps: int = 200, lr: float = 0.1) -> np.ndarray:
+    """Simplex weights over the groups that minimize the combined log loss (Adam on softmax logits).
+
+    Starts from uniform weights; deterministic. With one group the answer is [1.0].
+    """
+    if len(outputs) == 1 or steps == 0:
+        return np.full(len(outputs), 1.0 / len(outputs))
+    mask = outputs[0].mask
+    stacked = torch.stack([o.h[mask] for o in outputs]).double()  # (G, targets)
+    logits = torch.zeros(len(outputs), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    for _ in range(steps):
+        loss = torch.nn.functional.softplus(-(torch.softmax(logits, 0) @ stacked)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return torch.softmax(logits.detach(), 0).numpy()
+
+
+def residual_targets(per_sample_h: torch.Tensor) -> torch.Tensor:
+    """Boosting targets r = 1 - p, p = sigmoid(h): the probability mass still missing."""
+    return 1.0 - torch.sigmoid(per_sample_h)
+
+
+def ridge_fit(features: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
+    """argmin_w |targets - features w|^2 + ridge |w|^2, the first-order boosting fit in sketch space."""
+    g = np.asarray(features, dtype=np.float64)
+    gram = g.T @ g + ridge * np.eye(g.shape[1])
+    return np.linalg.solve(gram, g.T @ np.asarray(targets, dtype=np.float64))
+
+
+def lift(theta_star: AdapterState, projector: JLProjector, w: np.ndarray) -> AdapterState:
+    """theta* + P w: the adapter whose B matrices are the lifted sketch-space vector ``w``.
+
+    The sketch's gradient coordinates are the lora_B tensors in module order, flattened
+    (``elora_fed.sketch.gradient_parameters``); theta*'s tensors are in the same order.
+    Only B changes: to first order the adapter acts through B alone.
+    """
+    b_names = [name for name in theta_star if ".lora_B." in name]
+    sizes = [theta_star[name].numel() for name in b_names]
+    if sum(sizes) != projector.input_dim:
+        raise ValueError(f"theta* has {sum(sizes)} lora_B coordinates, the projector expects {projector.input_dim}")
+    vector = projector.lift(torch.as_tensor(w, dtype=torch.float32))
+    state = dict(theta_star)
+    for name, chunk in zip(b_names, torch.split(vector, sizes), strict=True):
+        state[name] = theta_star[name] + chunk.reshape(theta_star[name].shape).to(theta_star[name].dtype)
+    return state

@@ -1,0 +1,139 @@
+"""The server's view of the federation: which node holds which client, and how to address them.
+
+Nodes register asynchronously, so the server first waits for the expected number; then one
+``query.stats`` round maps every node to its client id (the server knows nothing about
+partitions except by asking) and fetches theta* from one node, so the server needs neither
+the data nor the model. Every request carries the run config (``clients.protocol``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from clients.protocol import number, run_record
+from elora_fed.config import RunConfig
+from elora_fed.ensemble import AdapterState
+from elora_fed.errors import DataError
+from strategies.messaging import console, exchange
+
+
+@dataclass
+class Federation:
+    """The grid, the run config, and the client id <-> node id map."""
+
+    grid: Grid
+    config: RunConfig
+    node_of: dict[str, int]
+    samples: dict[str, dict[str, int]]
+    theta_star: AdapterState
+
+    @property
+    def client_ids(self) -> list[str]:
+        return sorted(self.node_of)
+
+    def requests(
+        self,
+        client_ids: Iterable[str],
+        message_type: str,
+        records: Mapping[str, ArrayRecord | MetricRecord | ConfigRecord],
+    ) -> list[Message]:
+        """One message per client, all carrying ``records`` and the run config."""
+        content = RecordDict({"run": run_record(self.config), **records})
+        return [Message(content, dst_node_id=self.node_of[c], message_type=message_type) for c in client_ids]
+
+    def client_of(self, reply: Message) -> str:
+        return self._client_by_node[reply.metadata.src_node_id]
+
+    @property
+    def _client_by_node(self) -> dict[int, str]:
+        return {node: client for client, node in self.node_of.items()}
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
+    """Node ids once ``expected`` nodes have registered; DataError naming the shortfall after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = sorted(grid.get_node_ids())
+    if len(nodes) < expected:
+        raise DataError(
+            f"only {len(nodes)} of {expected} expected nodes registered within {timeout_s:.0f} s "
+            "(federation.wait_s); start more SuperNodes or set federation.num_nodes"
+        )
+    console.log(f"{len(nodes)} nodes registered")
+    return nodes
+
+
+def discover(grid: Grid, config: RunConfig, nodes: list[int]) -> Federation:
+    """Ask every node which client it holds; theta* comes from the first node."""
+    run = ConfigRecord({"config": run_record(config)["config"]})
+    messages = []
+    for i, node in enumerate(nodes):
+        records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
+            "run": run,
+            "options": ConfigRecord({"with-theta-star": i == 0}),
+        }
+        messages.append(Message(RecordDict(records), dst_node_id=node, message_type="query.stats"))
+    result = exchange(grid, messages, "clients", config.federation.timeout_s)
+    node_of: dict[str, int] = {}
+    samples: dict[str, dict[str, int]] = {}
+    theta_star: AdapterState | None = None
+    for reply in result.replies:
+        client = str(reply.content.config_records["client"]["client_id"])
+        if client in node_of:
+            raise DataError(f"nodes {node_of[client]} and {reply.metadata.src_node_id} both hold client '{client}'")
+        node_of[client] = reply.metadata.src_node_id
+        counts = reply.content.metric_records["samples"]
+        samples[client] = {k: int(number(counts, k)) for k in counts}
+        if "theta-star" in reply.content.array_records:
+            theta_star = reply.content.array_records["theta-star"].to_torch_state_dict()
+    if theta_star is None:
+        raise DataError("the node asked for theta* did not answer: " + "; ".join(result.failures[:1]))
+    return Federation(grid, config, node_of, samples, theta_star)
+
+
+class GroupGrid(Grid):
+    """A view of a grid that shows a strategy only one group's nodes.
+
+    Flower strategies sample from ``grid.get_node_ids()``; handing them this view makes any
+    strategy (FedAvg, FedProx, FedAdam, ...) train one group, while all groups' messages
+    still go out together through the real grid. Node ids are listed in the group's client
+    order, so seeded sampling picks the same clients in every run.
+    """
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [n for n in self._grid.get_nodes() if n.node_id in self._node_ids]
+
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
+        return self._grid.create_message(*args, **kwargs)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)

@@ -1,0 +1,76 @@
+"""Sending requests to nodes and collecting their replies, with a live progress display.
+
+``exchange`` pushes all messages at once and polls for replies, so the display can show
+how many clients have answered and an ETA; replies past ``timeout`` are abandoned (the
+round goes on without those stragglers). Replies come back sorted by sender, so anything
+aggregated from them is independent of arrival order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, width=None)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The outcome of one exchange: replies without errors, failures, and timings."""
+
+    replies: list[Message]
+    failures: list[str]
+    sent: int
+    seconds: float
+
+    @property
+    def compute_s(self) -> float:
+        """Sum of the clients' own compute time (``compute-s``), where they report it."""
+        total = 0.0
+        for reply in self.replies:
+            for record in reply.content.metric_records.values():
+                total += float(record.get("compute-s", 0.0))  # type: ignore[arg-type]
+        return total
+
+
+def exchange(grid: Grid, messages: Iterable[Message], label: str, timeout: float, poll_s: float = 0.2) -> Exchange:
+    """Send ``messages``, wait for their replies up to ``timeout`` seconds, show progress."""
+    start = time.perf_counter()
+    pending = set(grid.push_messages(list(messages)))
+    sent = len(pending)
+    received: list[Message] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("answered"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(label, total=sent)
+        while pending and time.perf_counter() - start < timeout:
+            replies = list(grid.pull_messages(pending))
+            for reply in replies:
+                pending.discard(reply.metadata.reply_to_message_id)
+            received.extend(replies)
+            progress.update(task, completed=len(received))
+            if pending and not replies:
+                time.sleep(poll_s)
+    ok = sorted((r for r in received if not r.has_error()), key=lambda r: r.metadata.src_node_id)
+    failures = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in received if r.has_error()]
+    failures += [f"no reply within {timeout:.0f} s"] * len(pending)
+    seconds = time.perf_counter() - start
+    result = Exchange(ok, failures, sent, seconds)
+    note = f", {len(failures)} failed" if failures else ""
+    console.log(f"{label}: {len(ok)}/{sent} answered{note} in {seconds:.1f} s")
+    for failure in failures[:3]:
+        console.log(f"  {failure}")
+    return result

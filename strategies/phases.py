@@ -1,0 +1,251 @@
+"""The server's phases, each a small class over the message protocol (``clients.protocol``).
+
+Replaceable by dotted path in the config (``strategies.*``, ``train.aggregation``):
+- an affinity estimator: ``Class(config)`` with ``estimate(sketches) -> (n, n) array``,
+  higher meaning "training together helps" (``SurrogateAffinity`` is the default);
+- a clustering: ``Class(config)`` with ``group(affinity, client_ids) -> labels`` (n ints,
+  groups numbered from 0; ``SDPClustering`` is the default);
+- the aggregation: any Flower ``Strategy`` class (FedAvg, FedProx, FedAdam, ...), run by
+  ``GroupTraining`` once per group on a view of the grid that holds only the group's nodes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp.strategy import Strategy
+
+from clients.protocol import ensemble_records, number, run_record, sketch_from_record
+from elora_fed.affinity import affinity_from_features, gradient_cosine_affinity
+from elora_fed.client_sketch import ClientSketch
+from elora_fed.clustering import cluster, spectral_clustering
+from elora_fed.config import RunConfig
+from elora_fed.ensemble import AdapterState, GroupAdapters, lift, ridge_fit
+from elora_fed.errors import ConfigError, DataError
+from elora_fed.projection import JLProjector
+from elora_fed.surrogate import task_features
+from strategies.federation import Federation, GroupGrid
+from strategies.messaging import Exchange, exchange
+
+
+def load_class(path: str, key: str) -> type:
+    """The class named by ``module:Class``; ConfigError naming ``key`` if it cannot be imported."""
+    module_name, _, name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"config key '{key}' = {path!r} cannot be loaded: {e}") from e
+    if not inspect.isclass(cls):
+        raise ConfigError(f"config key '{key}' = {path!r} is not a class")
+    return cls
+
+
+class SketchPhase:
+    """Phase 2: every client's projected-gradient sketch of its train and validation samples."""
+
+    def run(self, fed: Federation) -> tuple[list[ClientSketch], Exchange]:
+        result = exchange(fed.grid, fed.requests(fed.client_ids, "query.sketch", {}), "sketch", _timeout(fed))
+        sketches = sorted((sketch_from_record(r.content) for r in result.replies), key=lambda s: s.client_id)
+        if len(sketches) < len(fed.client_ids):
+            raise DataError(f"{len(fed.client_ids) - len(sketches)} clients sent no sketch: {result.failures[:2]}")
+        return sketches, result
+
+
+class SurrogateAffinity:
+    """Phase 3a: task affinity from surrogate fine-tuning on client subsets (``affinity.mode``)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config.affinity
+
+    def estimate(self, sketches: Sequence[ClientSketch]) -> np.ndarray:
+        tasks = [task_features(s) for s in sketches]
+        af = self.config
+        if af.mode == "gradient-cosine":
+            return gradient_cosine_affinity(tasks)
+        size = min(af.subset_size, len(tasks))
+        return affinity_from_features(tasks, size, af.num_subsets, af.lam, af.seed, af.mode == "private").affinity
+
+
+class SDPClustering:
+    """Phase 3b: groups maximizing average within-group affinity (``clustering.*``)."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config.clustering
+        self.seed = config.seed
+
+    def group(self, affinity: np.ndarray, client_ids: Sequence[str]) -> np.ndarray:
+        cl = self.config
+        if len(client_ids) < 2:
+            return np.zeros(len(client_ids), dtype=int)
+        if cl.method == "spectral":
+            return spectral_clustering(affinity, cl.num_groups, seed=self.seed)
+        m = min(cl.num_groups, len(client_ids)) or None
+        return cluster(affinity, m, method=cl.method, solver=cl.solver, seed=self.seed).labels
+
+
+def make_aggregation(config: RunConfig) -> Strategy:
+    """A fresh aggregation strategy for one group, from ``train.aggregation``.
+
+    Options the class accepts are set from the config: the sampled fraction, minimums of
+    one node (a group may have a single client) and FedProx's ``proximal_mu``.
+    """
+    cls = load_class(config.train.aggregation, "train.aggregation")
+    if not issubclass(cls, Strategy):
+        raise ConfigError(f"train.aggregation = {config.train.aggregation!r} is not a Flower Strategy")
+    options: dict[str, Any] = {
+        "fraction_train": config.train.fraction,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1,
+        "min_available_nodes": 1,
+        "proximal_mu": config.train.proximal_mu,
+    }
+    accepted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in options.items() if k in accepted})
+
+
+RoundCallback = Callable[[int, dict[int, AdapterState], dict[str, Any]], None]
+
+
+@dataclass
+class GroupTraining:
+    """Phase 4 (and trained boosting): federated rounds for several groups at once.
+
+    In each round every group's strategy picks its clients (seeded by run seed, label, group
+    and round) and builds its messages; all groups' messages go out in one exchange, and
+    each group's replies, sorted by client, go back to its own strategy to aggregate.
+    ``on_round`` is called after every round with the new adapters and the round's metrics.
+    """
+
+    fed: Federation
+    label: str
+    objective: str = "fit"
+
+    def run(
+        self,
+        groups: Mapping[int, Sequence[str]],
+        arrays: dict[int, AdapterState],
+        strategies: Mapping[int, Strategy],
+        first_round: int,
+        rounds: int,
+        on_round: RoundCallback,
+        ensemble: Mapping[int, GroupAdapters] | None = None,
+    ) -> dict[int, AdapterState]:
+        config = self.fed.config
+        tc = config.train
+        for rnd in range(first_round, rounds + 1):
+            messages: list[Message] = []
+            for g, members in groups.items():
+                random.seed(zlib.crc32(f"{config.seed}:{self.label}:{g}:{rnd}".encode()))
+                view = GroupGrid(self.fed.grid, [self.fed.node_of[c] for c in sorted(members)])
+                options = ConfigRecord(
+                    {
+                        "local-steps": tc.local_steps,
+                        "lr": tc.lr,
+                        "batch-size": tc.batch_size,
+                        "seed": f"{config.seed}:{self.label}:{rnd}",
+                        "objective": self.objective,
+                    }
+                )
+                for message in strategies[g].configure_train(rnd, ArrayRecord(arrays[g]), options, view):
+                    message.content["run"] = run_record(config)
+                    if ensemble is not None:
+                        for name, record in ensemble_records({g: ensemble[g]}).items():
+                            message.content[name] = record
+                    messages.append(message)
+            result = exchange(self.fed.grid, messages, f"{self.label} round {rnd}/{rounds}", _timeout(self.fed))
+            group_of = {self.fed.node_of[c]: g for g, members in groups.items() for c in members}
+            losses: dict[str, float] = {}
+            for g in groups:
+                replies = [r for r in result.replies if group_of.get(r.metadata.src_node_id) == g]
+                aggregated, metrics = strategies[g].aggregate_train(rnd, replies)
+                if aggregated is not None:
+                    arrays[g] = aggregated.to_torch_state_dict()
+                if metrics is not None and "train-loss" in metrics:
+                    losses[str(g)] = float(metrics["train-loss"])  # type: ignore[arg-type]
+            on_round(rnd, arrays, {"round": rnd, "train_loss": losses, **exchange_metrics(result)})
+        return arrays
+
+
+class EnsembleEvaluation:
+    """Loss and accuracy of ensembles on the clients' data (``evaluate`` messages)."""
+
+    def __init__(self, fed: Federation) -> None:
+        self.fed = fed
+
+    def run(
+        self,
+        label: str,
+        split: str,
+        groups_of: Mapping[str, Mapping[int, GroupAdapters]],
+        weights: Mapping[str, Sequence[float]] | None = None,
+    ) -> tuple[dict[str, dict[str, Any]], Exchange]:
+        """Per client: ``loss``, ``accuracy``, ``num-examples``, ``weights`` on ``split``.
+
+        ``groups_of[client]`` are the groups the client combines; without ``weights`` each
+        client learns its own on this split.
+        """
+        messages = []
+        for client, groups in groups_of.items():
+            options: dict[str, Any] = {"split": split, "groups": [str(g) for g in groups]}
+            if weights is None:
+                options["fit-weights"] = True
+            else:
+                options["weights"] = [float(w) for w in weights[client]]
+            records: dict[str, ArrayRecord | ConfigRecord] = {"config": ConfigRecord(options)}
+            records.update(ensemble_records(groups))
+            messages.extend(self.fed.requests([client], "evaluate", records))
+        result = exchange(self.fed.grid, messages, label, _timeout(self.fed))
+        per_client = {}
+        for reply in result.replies:
+            metrics = reply.content.metric_records["metrics"]
+            weights_reply = metrics.get("weights")
+            if not isinstance(weights_reply, list) or len(weights_reply) != len(groups_of[self.fed.client_of(reply)]):
+                raise DataError(f"malformed evaluate reply: weights {weights_reply!r}")
+            per_client[self.fed.client_of(reply)] = {
+                "loss": number(metrics, "loss"),
+                "accuracy": number(metrics, "accuracy"),
+                "num-examples": int(number(metrics, "num-examples")),
+                "weights": [float(w) for w in weights_reply],
+            }
+        return per_client, result
+
+
+def first_order_boost(fed: Federation, members: Sequence[str], group: GroupAdapters) -> tuple[AdapterState, Exchange]:
+    """A boosting adapter fit in sketch space: ridge regression of the residuals, lifted with P."""
+    config = fed.config
+    result = exchange(
+        fed.grid, fed.requests(sorted(members), "query.boost", ensemble_records({0: group})), "boost", _timeout(fed)
+    )
+    if not result.replies:
+        raise DataError(f"no client of the group answered the boosting query: {result.failures[:2]}")
+    features = np.concatenate([r.content.array_records["boost"]["features"].numpy() for r in result.replies])
+    residuals = np.concatenate([r.content.array_records["boost"]["residuals"].numpy() for r in result.replies])
+    if features.shape[1] != config.sketch.dim or not np.isfinite(features).all() or not np.isfinite(residuals).all():
+        raise DataError(f"malformed boosting replies: features {features.shape}, d = {config.sketch.dim}")
+    w = ridge_fit(features, residuals, config.boost.ridge)
+    sk = config.sketch
+    p = sum(t.numel() for name, t in fed.theta_star.items() if ".lora_B." in name)
+    projector = JLProjector(p, sk.dim, sk.seed, sk.projection, sk.block_rows)
+    return lift(fed.theta_star, projector, w), result
+
+
+def exchange_metrics(result: Exchange) -> dict[str, Any]:
+    """Timing of one exchange: wall time against the clients' own compute time."""
+    return {
+        "clients": len(result.replies),
+        "failed": len(result.failures),
+        "wall_s": round(result.seconds, 3),
+        "client_compute_s": round(result.compute_s, 3),
+    }
+
+
+def _timeout(fed: Federation) -> float:
+    return fed.config.federation.timeout_s

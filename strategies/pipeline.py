@@ -1,0 +1,396 @@
+"""The federated EnsembleLoRA pipeline: the phases in order, one run directory, a checkpoint after each step.
+
+Phases: wait for the nodes, sketch, affinity and groups, per-group federated training,
+boosting, ensemble weights (learned on validation), final evaluation on test. Each phase
+is a class in ``strategies.phases``; this module only orders them, writes the artifacts,
+and checkpoints after every phase and every training round, so ``resume`` continues a
+killed run and, with every random choice seeded by (seed, phase, group, round), reproduces
+the uninterrupted result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.serverapp import Grid
+from rich.table import Table
+
+from elora_fed.adapters import save_peft_adapter
+from elora_fed.checkpoint import Checkpoint, Snapshot
+from elora_fed.client_sketch import load_sketches
+from elora_fed.clustering import canonical_labels
+from elora_fed.config import RunConfig
+from elora_fed.ensemble import AdapterState, GroupAdapters
+from elora_fed.errors import ConfigError, DataError
+from elora_fed.plots import affinity_heatmap
+from elora_fed.run_dir import create_run_dir, write_json
+from strategies.federation import Federation, discover, wait_for_nodes
+from strategies.messaging import Exchange, console
+from strategies.phases import (
+    EnsembleEvaluation,
+    GroupTraining,
+    SketchPhase,
+    exchange_metrics,
+    first_order_boost,
+    load_class,
+    make_aggregation,
+)
+
+
+class PipelineRun:
+    """A run directory with its metrics log and checkpoint; created new or reopened to resume."""
+
+    def __init__(self, config: RunConfig) -> None:
+        if config.resume:
+            self.dir = Path(config.resume)
+            saved = self.dir / "config.json"
+            if not saved.exists():
+                raise ConfigError(f"resume = {config.resume!r} is not a run directory: it has no config.json")
+            # The saved config is the run's config; only `resume` itself comes from this launch.
+            self.config = dataclasses.replace(RunConfig.from_flat(json.loads(saved.read_text())), resume=config.resume)
+        else:
+            self.config = config
+            self.dir = create_run_dir(config, "pipeline")
+        self.checkpoint = Checkpoint(self.dir)
+        self.snapshot = self.checkpoint.load() or Snapshot(info={"done": [], "seconds": {}, "metrics_lines": 0})
+        self.info = self.snapshot.info
+        self._truncate_metrics(int(self.info["metrics_lines"]))
+        if config.resume:
+            console.log(f"resuming {self.dir}: done {self.info['done'] or 'nothing'}")
+
+    def done(self, phase: str) -> bool:
+        return phase in self.info["done"]
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one line to ``metrics.jsonl`` (kept in step with the checkpoint)."""
+        with (self.dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}, sort_keys=True) + "\n")
+        self.info["metrics_lines"] += 1
+
+    def save(self) -> None:
+        self.checkpoint.save(self.snapshot)
+
+    def complete(self, phase: str, started: float) -> None:
+        seconds = self.info["seconds"]
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - started
+        self.info["done"].append(phase)
+        self.save()
+        console.log(f"[bold]{phase}[/bold] done in {seconds[phase]:.1f} s")
+
+    def _truncate_metrics(self, lines: int) -> None:
+        path = self.dir / "metrics.jsonl"
+        if path.exists():
+            kept = path.read_text().splitlines(keepends=True)[:lines]
+            path.write_text("".join(kept))
+
+
+def run_pipeline(grid: Grid, config: RunConfig) -> Path:
+    """Run (or resume) the whole pipeline on ``grid``; returns the run directory."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # concise logs: the phases report progress
+    run = PipelineRun(config)
+    config = run.config
+    console.log(f"run directory {run.dir}")
+    expected = config.federation.num_nodes or _count_clients(config)
+    fed = discover(grid, config, wait_for_nodes(grid, expected, config.federation.wait_s))
+    write_json(run.dir / "clients.json", [{"client_id": c, **fed.samples[c]} for c in fed.client_ids])
+
+    if not run.done("sketch"):
+        started = time.perf_counter()
+        sketches, result = SketchPhase().run(fed)
+        for sketch in sketches:
+            sketch.save(run.dir / "sketches")
+        run.log({"phase": "sketch", **exchange_metrics(result)})
+        run.complete("sketch", started)
+    if not run.done("groups"):
+        started = time.perf_counter()
+        _group(run, fed)
+        run.complete("groups", started)
+    groups = _groups(run.info["labels"], run.info["client_ids"])
+    if sorted(run.info["client_ids"]) != fed.client_ids:
+        raise DataError("the federation's clients differ from the ones this run was grouped for")
+
+    if not run.done("train"):
+        started = time.perf_counter()
+        _train(run, fed, groups)
+        run.complete("train", started)
+    ensemble = _ensemble(run.snapshot, groups)
+    if not run.done("boost"):
+        started = time.perf_counter()
+        ensemble = _boost(run, fed, groups, ensemble)
+        run.complete("boost", started)
+    if not run.done("weights"):
+        started = time.perf_counter()
+        per_client, result = EnsembleEvaluation(fed).run(
+            "ensemble weights", "validation", {c: ensemble for c in fed.client_ids}
+        )
+        run.info["weights"] = {c: per_client[c]["weights"] for c in per_client}
+        run.info["validation"] = per_client
+        write_json(run.dir / "ensemble_weights.json", {"groups": sorted(groups), "weights": run.info["weights"]})
+        run.log({"phase": "weights", "validation_loss": _mean(per_client, "loss"), **exchange_metrics(result)})
+        run.complete("weights", started)
+    started = time.perf_counter()
+    report = _final_report(run, fed, groups, ensemble)
+    run.info["seconds"]["test"] = time.perf_counter() - started
+    report["seconds"] = run.info["seconds"]
+    write_json(run.dir / "report.json", report)
+    (run.dir / "report.md").write_text(_markdown(report))
+    run.info["done"].append("test")
+    run.save()
+    _print_summary(report, run.dir)
+    return run.dir
+
+
+def _count_clients(config: RunConfig) -> int:
+    from elora_fed.federated_data import load_clients
+    from elora_fed.models import load_tokenizer
+
+    return len(load_clients(config.data, load_tokenizer(config.model)))
+
+
+def _group(run: PipelineRun, fed: Federation) -> None:
+    config = run.config
+    sketches = load_sketches(run.dir / "sketches")
+    ids = [s.client_id for s in sketches]
+    estimator = load_class(config.strategies.affinity, "strategies.affinity")(config)
+    affinity = np.asarray(estimator.estimate(sketches), dtype=np.float64)
+    if affinity.shape != (len(ids), len(ids)) or not np.isfinite(affinity).all():
+        raise DataError(
+            f"{config.strategies.affinity} returned an affinity of shape {affinity.shape} for {len(ids)} clients"
+        )
+    clustering = load_class(config.strategies.clustering, "strategies.clustering")(config)
+    labels = np.asarray(clustering.group(affinity, ids))
+    if labels.shape != (len(ids),):
+        raise DataError(f"{config.strategies.clustering} returned {labels.shape} labels for {len(ids)} clients")
+    labels = canonical_labels(labels)
+    np.save(run.dir / "affinity.npy", affinity)
+    affinity_heatmap(affinity, labels, ids, run.dir / "affinity.png")
+    groups = _groups(labels.tolist(), ids)
+    write_json(
+        run.dir / "groups.json",
+        {"clients": ids, "labels": labels.tolist(), "groups": [groups[g] for g in sorted(groups)]},
+    )
+    run.info.update(labels=labels.tolist(), client_ids=ids)
+    run.log({"phase": "groups", "num_groups": len(groups), "sizes": [len(groups[g]) for g in sorted(groups)]})
+    console.log(f"{len(groups)} groups of sizes {[len(groups[g]) for g in sorted(groups)]}")
+
+
+def _groups(labels: Sequence[int], ids: Sequence[str]) -> dict[int, list[str]]:
+    groups: dict[int, list[str]] = {}
+    for client, g in zip(ids, labels, strict=True):
+        groups.setdefault(int(g), []).append(client)
+    return groups
+
+
+def _train(run: PipelineRun, fed: Federation, groups: dict[int, list[str]]) -> None:
+    config, snap = run.config, run.snapshot
+    arrays = {g: snap.adapters.get(f"group-{g}", fed.theta_star) for g in groups}
+    strategies = snap.objects.get("strategies") or {g: make_aggregation(config) for g in groups}
+
+    def on_round(rnd: int, new: dict[int, AdapterState], metrics: dict[str, Any]) -> None:
+        snap.adapters.update({f"group-{g}": state for g, state in new.items()})
+        snap.objects["strategies"] = strategies
+        run.info["train_round"] = rnd
+        run.log({"phase": "train", **metrics})
+        run.save()
+
+    first = int(run.info.get("train_round", 0)) + 1
+    arrays = GroupTraining(fed, "train").run(groups, arrays, strategies, first, config.train.rounds, on_round)
+    for g, state in arrays.items():
+        snap.adapters[f"group-{g}"] = state
+        save_peft_adapter(state, config.adapter, config.model.name, run.dir / "adapters" / f"group-{g}")
+    snap.objects.pop("strategies", None)
+
+
+def _ensemble(snap: Snapshot, groups: Mapping[int, Sequence[str]]) -> dict[int, GroupAdapters]:
+    ensemble = {}
+    for g in groups:
+        boosts = sorted((int(k.rsplit("-", 1)[1]), v) for k, v in snap.adapters.items() if k.startswith(f"boost-{g}-"))
+        ensemble[g] = GroupAdapters(snap.adapters[f"group-{g}"], [v for _, v in boosts])
+    return ensemble
+
+
+def _group_losses(
+    fed: Federation, groups: Mapping[int, Sequence[str]], ensemble: Mapping[int, GroupAdapters], label: str
+) -> tuple[dict[int, float], Exchange]:
+    """Each group's training loss under its current ensemble (its clients' targets pooled)."""
+    groups_of = {c: {g: ensemble[g]} for g, members in groups.items() for c in members}
+    per_client, result = EnsembleEvaluation(fed).run(label, "train", groups_of, {c: [1.0] for c in groups_of})
+    losses = {}
+    for g, members in groups.items():
+        rows = [per_client[c] for c in members if c in per_client]
+        total = sum(r["num-examples"] for r in rows)
+        losses[g] = sum(r["loss"] * r["num-examples"] for r in rows) / total if total else float("inf")
+    return losses, result
+
+
+def _boost(
+    run: PipelineRun, fed: Federation, groups: dict[int, list[str]], ensemble: dict[int, GroupAdapters]
+) -> dict[int, GroupAdapters]:
+    """Boosting: add adapters to the group with the highest training loss while that loss drops."""
+    config, info = run.config, run.info
+    bc = config.boost
+    records: list[dict[str, Any]] = info.setdefault("boosts", [])
+    if bc.steps == 0:
+        return ensemble
+    if "group_train_loss" not in info:
+        losses, initial = _group_losses(fed, {g: groups[g] for g in groups}, ensemble, "group train loss")
+        info["group_train_loss"] = {str(g): v for g, v in losses.items()}
+        run.log({"phase": "boost", "group_train_loss": info["group_train_loss"], **exchange_metrics(initial)})
+        run.save()
+    losses = {int(g): v for g, v in info["group_train_loss"].items()}
+    while len(records) < bc.steps and not info.get("boost_stopped", False):
+        step = len(records) + 1
+        g = max(losses, key=lambda k: losses[k])
+        console.log(f"boosting step {step}/{bc.steps}: group {g} (train loss {losses[g]:.4f}), {bc.variant}")
+        result: Exchange | None = None
+        if bc.variant == "first-order":
+            adapter, result = first_order_boost(fed, groups[g], ensemble[g])
+        else:
+
+            def log_round(rnd: int, new: dict[int, AdapterState], metrics: dict[str, Any], step: int = step) -> None:
+                run.log({"phase": "boost-train", "step": step, **metrics})
+
+            trained = GroupTraining(fed, f"boost {step}", objective="boost").run(
+                {g: groups[g]},
+                {g: fed.theta_star},
+                {g: make_aggregation(config)},
+                1,
+                bc.rounds,
+                log_round,
+                {g: ensemble[g]},
+            )
+            adapter = trained[g]
+        candidate = GroupAdapters(ensemble[g].base, [*ensemble[g].boosts, adapter])
+        after, check = _group_losses(fed, {g: groups[g]}, {g: candidate}, f"boost {step}: train loss")
+        kept = after[g] < losses[g]
+        record = {"step": step, "group": g, "train_loss_before": losses[g], "train_loss_after": after[g], "kept": kept}
+        run.log({"phase": "boost", **record, **exchange_metrics(result or check)})
+        if kept:
+            ensemble[g] = candidate
+            t = len(candidate.boosts) - 1
+            run.snapshot.adapters[f"boost-{g}-{t}"] = adapter
+            save_peft_adapter(
+                adapter, config.adapter, config.model.name, run.dir / "adapters" / f"boost-{step}-group-{g}"
+            )
+            losses[g] = after[g]
+            info["group_train_loss"][str(g)] = after[g]
+        else:
+            info["boost_stopped"] = True
+            console.log(f"boosting stops: group {g}'s training loss did not drop ({losses[g]:.4f} -> {after[g]:.4f})")
+        records.append(record)
+        run.save()
+    return ensemble
+
+
+def _final_report(
+    run: PipelineRun, fed: Federation, groups: dict[int, list[str]], ensemble: dict[int, GroupAdapters]
+) -> dict[str, Any]:
+    """Test loss and accuracy per client: the ensemble, the client's own group, and theta* (no training)."""
+    evaluation = EnsembleEvaluation(fed)
+    weights = run.info["weights"]
+    clients = sorted(weights)
+    test, result = evaluation.run("test: ensemble", "test", {c: ensemble for c in clients}, weights)
+    group_of = {c: g for g, members in groups.items() for c in members}
+    own, _ = evaluation.run(
+        "test: own group",
+        "test",
+        {c: {group_of[c]: ensemble[group_of[c]]} for c in clients},
+        {c: [1.0] for c in clients},
+    )
+    base, _ = evaluation.run(
+        "test: base model",
+        "test",
+        {c: {0: GroupAdapters(fed.theta_star)} for c in clients},
+        {c: [1.0] for c in clients},
+    )
+    run.log({"phase": "test", "test_loss": _mean(test, "loss"), **exchange_metrics(result)})
+    rows = [
+        {
+            "client_id": c,
+            "group": group_of[c],
+            "test_loss": test[c]["loss"],
+            "test_accuracy": test[c]["accuracy"],
+            "test_targets": test[c]["num-examples"],
+            "own_group_test_loss": own[c]["loss"] if c in own else None,
+            "base_test_loss": base[c]["loss"] if c in base else None,
+            "weights": dict(zip([str(g) for g in sorted(groups)], weights[c], strict=True)),
+        }
+        for c in clients
+        if c in test
+    ]
+    return {
+        "run_dir": str(run.dir),
+        "clients": rows,
+        "average": {
+            "ensemble": {"test_loss": _mean(test, "loss"), "test_accuracy": _mean(test, "accuracy")},
+            "own_group": {"test_loss": _mean(own, "loss"), "test_accuracy": _mean(own, "accuracy")},
+            "base_model": {"test_loss": _mean(base, "loss"), "test_accuracy": _mean(base, "accuracy")},
+        },
+        "num_clients": len(rows),
+        "num_groups": len(groups),
+        "group_sizes": {str(g): len(m) for g, m in sorted(groups.items())},
+        "boosts": run.info.get("boosts", []),
+        "config": run.config.to_flat(),
+    }
+
+
+def _mean(per_client: Mapping[str, Mapping[str, Any]], key: str) -> float:
+    """The unweighted mean over clients (every client counts once, as in the paper)."""
+    values = [float(v[key]) for v in per_client.values()]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    avg = report["average"]
+    lines = [
+        f"# EnsembleLoRA run: {report['num_clients']} clients, {report['num_groups']} groups",
+        "",
+        "Test loss is log(1 + exp(-h)) per target (the next-token cross-entropy for LM clients), "
+        "averaged per client and then over clients; accuracy is the share of targets with p > 1/2.",
+        "",
+        "| model | test loss | test accuracy |",
+        "| --- | --- | --- |",
+    ]
+    for name, key in (
+        ("base model (theta*)", "base_model"),
+        ("own group adapter", "own_group"),
+        ("ensemble", "ensemble"),
+    ):
+        lines.append(f"| {name} | {avg[key]['test_loss']:.4f} | {avg[key]['test_accuracy']:.4f} |")
+    lines += ["", "## Phases (wall seconds)", "", "| phase | seconds |", "| --- | --- |"]
+    lines += [f"| {p} | {s:.1f} |" for p, s in report["seconds"].items()]
+    lines += ["", "## Boosting", ""]
+    lines += [
+        f"- step {b['step']}: group {b['group']}, train loss {b['train_loss_before']:.4f} -> "
+        f"{b['train_loss_after']:.4f} ({'kept' if b['kept'] else 'dropped; boosting stopped'})"
+        for b in report["boosts"]
+    ] or ["- none"]
+    lines += ["", "## Clients", "", "| client | group | test loss | accuracy | own group loss | base loss | weights |"]
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in report["clients"]:
+        weights = ", ".join(f"{g}: {w:.2f}" for g, w in r["weights"].items())
+        lines.append(
+            f"| {r['client_id']} | {r['group']} | {r['test_loss']:.4f} | {r['test_accuracy']:.3f} | "
+            f"{r['own_group_test_loss']:.4f} | {r['base_test_loss']:.4f} | {weights} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
+    table = Table(title=f"EnsembleLoRA: {report['num_clients']} clients, {report['num_groups']} groups")
+    table.add_column("model")
+    table.add_column("test loss", justify="right")
+    table.add_column("test accuracy", justify="right")
+    for name, key in (("base model", "base_model"), ("own group", "own_group"), ("ensemble", "ensemble")):
+        avg = report["average"][key]
+        table.add_row(name, f"{avg['test_loss']:.4f}", f"{avg['test_accuracy']:.4f}")
+    console.print(table)
+    console.print("phases: " + ", ".join(f"{p} {s:.0f} s" for p, s in report["seconds"].items()))
+    console.print(f"written to {run_dir}")

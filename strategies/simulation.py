@@ -1,0 +1,63 @@
+"""Running the app on Flower's simulation engine on Ray, from a resolved config (``elora-fed run``).
+
+One simulated SuperNode per client (``partition-id`` = the client's index). The ServerApp is
+built around the resolved config, which every request carries to the clients, so presets,
+``--set`` overrides and resumed runs reach every node. ``federation.ray_address`` attaches
+to a running Ray cluster (``ray start --head``) instead of starting a local one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from elora_fed.config import RunConfig
+from elora_fed.errors import ConfigError, EloraFedError
+from strategies.phases import load_class
+from strategies.pipeline import run_pipeline
+
+
+def resume_config(run_dir: Path) -> RunConfig:
+    """The saved config of the run in ``run_dir``, set to resume it."""
+    saved = run_dir / "config.json"
+    if not saved.exists():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
+    return RunConfig.from_flat({**json.loads(saved.read_text()), "resume": str(run_dir)})
+
+
+def simulate(config: RunConfig) -> Path:
+    """Run (or resume) the pipeline with one simulated node per client; returns the run directory."""
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from strategies.pipeline import _count_clients
+
+    for key in ("strategies.affinity", "strategies.clustering", "train.aggregation"):
+        load_class(config.to_flat()[key], key)  # fail before Ray starts, not in the middle of a run
+    fed = config.federation
+    num_nodes = fed.num_nodes or _count_clients(config)
+    backend: dict[str, Any] = {"client_resources": {"num_cpus": fed.cpus_per_client, "num_gpus": fed.gpus_per_client}}
+    if fed.ray_address:
+        backend["init_args"] = {"address": fed.ray_address}
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    outcome: dict[str, Any] = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["run_dir"] = run_pipeline(grid, config)
+        except BaseException as e:  # re-raised below: the simulation engine would only log it
+            outcome["error"] = e
+
+    run_simulation(app, client_app, num_supernodes=num_nodes, backend_config=backend)  # type: ignore[arg-type]
+    if "error" in outcome:
+        raise outcome["error"]
+    if "run_dir" not in outcome:
+        raise EloraFedError("the simulation ended before the pipeline finished (see the log above)")
+    return Path(outcome["run_dir"])
