@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import transformers
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
@@ -42,6 +43,9 @@ from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
 from elora_fed.sketch import sketch_batches
 from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
+
+transformers.utils.logging.disable_progress_bar()  # one bar per worker process and message is noise
+transformers.utils.logging.set_verbosity_error()
 
 app = ClientApp()
 
@@ -133,13 +137,16 @@ def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     The model, adapter seed and projection seed come from the run config, which the server
     and every client share; only the seeds define theta* and P.
     """
+    start = time.perf_counter()
     node = node_for(content, context)
     load_adapter_state(node.model, node.theta_star)
     projector, metadata = sketch_setup(node.model, node.config)
     sk = node.config.sketch
     pad = _tokenizer(node.config.model).pad_token_id
     result = sketch_client(node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad)
-    return sketch_to_record(result)
+    reply = sketch_to_record(result)
+    reply["metrics"] = MetricRecord({"compute-s": time.perf_counter() - start})
+    return reply
 
 
 @app.train()
@@ -204,7 +211,8 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     """Evaluate the groups in the request on ``split``, combined with ``weights``.
 
     With ``fit-weights`` the weights are learned here first, on this same split (the server
-    sends the validation split for that), and returned.
+    sends the validation split for that), and returned. The reply also holds each group's
+    own loss and accuracy, and with ``with-base`` those of theta* (no training).
     """
     start = time.perf_counter()
     node = node_for(content, context)
@@ -225,8 +233,13 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
         "accuracy": combined.accuracy(),
         "num-examples": combined.num_targets,
         "weights": [float(w) for w in weights],
-        "compute-s": time.perf_counter() - start,
+        "group-loss": [o.loss() for o in outputs],
+        "group-accuracy": [o.accuracy() for o in outputs],
     }
+    if bool(options.get("with-base", False)):
+        base = adapter_outputs(node.model, batches, node.theta_star)
+        metrics.update({"base-loss": base.loss(), "base-accuracy": base.accuracy()})
+    metrics["compute-s"] = time.perf_counter() - start
     return RecordDict({"metrics": MetricRecord(metrics)})
 
 
@@ -237,29 +250,30 @@ def boost(msg: Message, context: Context) -> Message:
 
 
 def boost_content(content: RecordDict, context: Context) -> RecordDict:
-    """r = 1 - p under the group's current ensemble, and the sketch features at theta*, per train sample."""
+    """r = 1 - p per train sample under the group's current ensemble, and (if asked) its sketch features.
+
+    The server already holds the train features from the sketch phase (theta* and P do not
+    change), so it asks for them only when it lacks them (``options.features``).
+    """
     start = time.perf_counter()
     node = node_for(content, context)
     (group,) = ensemble_from(content).values()
     batches = node.batches("train")
-    residuals = residual_targets(
-        group_outputs(node.model, batches, group, node.theta_star, node.config.boost.eta).per_sample()
-    )
-    load_adapter_state(node.model, node.theta_star)
-    projector, _ = sketch_setup(node.model, node.config)
-    features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features
+    outputs = group_outputs(node.model, batches, group, node.theta_star, node.config.boost.eta)
+    residuals = residual_targets(outputs.per_sample())
     arrays = {
         "sample_index": np.arange(len(residuals), dtype=np.int32),
         "residuals": residuals.numpy().astype(np.float32),
-        "features": features.numpy().astype(np.float32),
     }
+    options = content.config_records.get("options")
+    if options is None or bool(options.get("features", True)):
+        load_adapter_state(node.model, node.theta_star)
+        projector, _ = sketch_setup(node.model, node.config)
+        features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features
+        arrays["features"] = features.numpy().astype(np.float32)
     metrics: Metrics = {"num-examples": len(residuals), "compute-s": time.perf_counter() - start}
-    return RecordDict(
-        {
-            "boost": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-            "metrics": MetricRecord(metrics),
-        }
-    )
+    records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    return RecordDict({"boost": ArrayRecord(records), "metrics": MetricRecord(metrics)})
 
 
 def _count(client: Samples, split: str) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
@@ -79,7 +80,7 @@ def load_peft_adapter(path: Path) -> dict[str, torch.Tensor]:
     try:
         json.loads((path / "adapter_config.json").read_text())
         tensors = load_file(str(file))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise DataError(f"cannot read the adapter in {path}: {e}") from e
     return {_with_adapter_name(name): t for name, t in tensors.items()}
 

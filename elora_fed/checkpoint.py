@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from elora_fed.errors import DataError
@@ -63,7 +64,7 @@ class Checkpoint:
             folder = self.folder / state["snapshot"]
             adapters = {f.stem: load_file(str(f)) for f in sorted(folder.glob("*.safetensors"))}
             objects = pickle.loads((folder / "objects.pkl").read_bytes())
-        except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        except (OSError, ValueError, KeyError, pickle.UnpicklingError, SafetensorError) as e:
             raise DataError(f"the checkpoint in {self.folder} is unreadable: {e}") from e
         return Snapshot(info=state["info"], adapters=adapters, objects=objects)
 

@@ -40,8 +40,12 @@ class Exchange:
 
 
 def exchange(grid: Grid, messages: Iterable[Message], label: str, timeout: float, poll_s: float = 0.2) -> Exchange:
-    """Send ``messages``, wait for their replies up to ``timeout`` seconds, show progress."""
+    """Send ``messages``, wait for their replies up to ``timeout`` seconds, show progress.
+
+    On a terminal the progress is a live bar; otherwise (logs, CI) a line every 30 s.
+    """
     start = time.perf_counter()
+    last_line = start
     pending = set(grid.push_messages(list(messages)))
     sent = len(pending)
     received: list[Message] = []
@@ -62,6 +66,11 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, timeout: float
                 pending.discard(reply.metadata.reply_to_message_id)
             received.extend(replies)
             progress.update(task, completed=len(received))
+            now = time.perf_counter()
+            if not console.is_terminal and now - last_line >= 30 and pending:
+                last_line = now
+                eta = (now - start) / len(received) * len(pending) if received else float("nan")
+                console.log(f"{label}: {len(received)}/{sent} answered after {now - start:.0f} s, ETA {eta:.0f} s")
             if pending and not replies:
                 time.sleep(poll_s)
     ok = sorted((r for r in received if not r.has_error()), key=lambda r: r.metadata.src_node_id)

@@ -12,11 +12,13 @@ Replaceable by dotted path in the config (``strategies.*``, ``train.aggregation`
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import random
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,11 +39,22 @@ from strategies.messaging import Exchange, exchange
 
 
 def load_class(path: str, key: str) -> type:
-    """The class named by ``module:Class``; ConfigError naming ``key`` if it cannot be imported."""
-    module_name, _, name = path.partition(":")
+    """The class named by ``package.module:Class`` or ``path/to/file.py:Class``.
+
+    ConfigError naming ``key`` if it cannot be loaded.
+    """
+    module_name, _, name = path.rpartition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
+        if module_name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"no Python file at {module_name}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        cls = getattr(module, name)
+    except (ImportError, AttributeError, OSError) as e:
         raise ConfigError(f"config key '{key}' = {path!r} cannot be loaded: {e}") from e
     if not inspect.isclass(cls):
         raise ConfigError(f"config key '{key}' = {path!r} is not a class")
@@ -186,15 +199,18 @@ class EnsembleEvaluation:
         split: str,
         groups_of: Mapping[str, Mapping[int, GroupAdapters]],
         weights: Mapping[str, Sequence[float]] | None = None,
+        with_base: bool = False,
     ) -> tuple[dict[str, dict[str, Any]], Exchange]:
         """Per client: ``loss``, ``accuracy``, ``num-examples``, ``weights`` on ``split``.
 
         ``groups_of[client]`` are the groups the client combines; without ``weights`` each
-        client learns its own on this split.
+        client learns its own on this split. Also per client: ``group_loss`` and
+        ``group_accuracy`` (each group's output alone) and, ``with_base``, ``base_loss`` and
+        ``base_accuracy`` (theta*).
         """
         messages = []
         for client, groups in groups_of.items():
-            options: dict[str, Any] = {"split": split, "groups": [str(g) for g in groups]}
+            options: dict[str, Any] = {"split": split, "groups": [str(g) for g in groups], "with-base": with_base}
             if weights is None:
                 options["fit-weights"] = True
             else:
@@ -209,28 +225,48 @@ class EnsembleEvaluation:
             weights_reply = metrics.get("weights")
             if not isinstance(weights_reply, list) or len(weights_reply) != len(groups_of[self.fed.client_of(reply)]):
                 raise DataError(f"malformed evaluate reply: weights {weights_reply!r}")
-            per_client[self.fed.client_of(reply)] = {
+            row: dict[str, Any] = {
                 "loss": number(metrics, "loss"),
                 "accuracy": number(metrics, "accuracy"),
                 "num-examples": int(number(metrics, "num-examples")),
                 "weights": [float(w) for w in weights_reply],
+                "group_loss": [float(v) for v in metrics.get("group-loss", [])],  # type: ignore[union-attr]
+                "group_accuracy": [float(v) for v in metrics.get("group-accuracy", [])],  # type: ignore[union-attr]
             }
+            if with_base:
+                row["base_loss"] = number(metrics, "base-loss")
+                row["base_accuracy"] = number(metrics, "base-accuracy")
+            per_client[self.fed.client_of(reply)] = row
         return per_client, result
 
 
-def first_order_boost(fed: Federation, members: Sequence[str], group: GroupAdapters) -> tuple[AdapterState, Exchange]:
-    """A boosting adapter fit in sketch space: ridge regression of the residuals, lifted with P."""
+def first_order_boost(
+    fed: Federation, members: Sequence[str], group: GroupAdapters, sketches: Mapping[str, ClientSketch]
+) -> tuple[AdapterState, Exchange]:
+    """A boosting adapter fit in sketch space: ridge regression of the residuals, lifted with P.
+
+    Train features come from ``sketches`` (the sketch phase's, at the same theta* and P)
+    where the server has them; clients send only their residuals then.
+    """
     config = fed.config
-    result = exchange(
-        fed.grid, fed.requests(sorted(members), "query.boost", ensemble_records({0: group})), "boost", _timeout(fed)
-    )
+    have = all(c in sketches for c in members)
+    records: dict[str, ArrayRecord | ConfigRecord] = {"options": ConfigRecord({"features": not have})}
+    records.update(ensemble_records({0: group}))
+    result = exchange(fed.grid, fed.requests(sorted(members), "query.boost", records), "boost", _timeout(fed))
     if not result.replies:
         raise DataError(f"no client of the group answered the boosting query: {result.failures[:2]}")
-    features = np.concatenate([r.content.array_records["boost"]["features"].numpy() for r in result.replies])
-    residuals = np.concatenate([r.content.array_records["boost"]["residuals"].numpy() for r in result.replies])
-    if features.shape[1] != config.sketch.dim or not np.isfinite(features).all() or not np.isfinite(residuals).all():
-        raise DataError(f"malformed boosting replies: features {features.shape}, d = {config.sketch.dim}")
-    w = ridge_fit(features, residuals, config.boost.ridge)
+    features, residuals = [], []
+    for reply in result.replies:
+        arrays = reply.content.array_records["boost"]
+        r = arrays["residuals"].numpy()
+        g = sketches[fed.client_of(reply)].rows("train")[1] if have else arrays["features"].numpy()
+        if g.shape != (len(r), config.sketch.dim) or not np.isfinite(r).all() or not np.isfinite(g).all():
+            raise DataError(
+                f"malformed boosting reply from '{fed.client_of(reply)}': {len(r)} residuals, features {g.shape}"
+            )
+        features.append(g)
+        residuals.append(r)
+    w = ridge_fit(np.concatenate(features), np.concatenate(residuals), config.boost.ridge)
     sk = config.sketch
     p = sum(t.numel() for name, t in fed.theta_star.items() if ".lora_B." in name)
     projector = JLProjector(p, sk.dim, sk.seed, sk.projection, sk.block_rows)

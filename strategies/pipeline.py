@@ -251,7 +251,8 @@ def _boost(
         console.log(f"boosting step {step}/{bc.steps}: group {g} (train loss {losses[g]:.4f}), {bc.variant}")
         result: Exchange | None = None
         if bc.variant == "first-order":
-            adapter, result = first_order_boost(fed, groups[g], ensemble[g])
+            sketches = {s.client_id: s for s in load_sketches(run.dir / "sketches")}
+            adapter, result = first_order_boost(fed, groups[g], ensemble[g], sketches)
         else:
 
             def log_round(rnd: int, new: dict[int, AdapterState], metrics: dict[str, Any], step: int = step) -> None:
@@ -292,24 +293,21 @@ def _boost(
 def _final_report(
     run: PipelineRun, fed: Federation, groups: dict[int, list[str]], ensemble: dict[int, GroupAdapters]
 ) -> dict[str, Any]:
-    """Test loss and accuracy per client: the ensemble, the client's own group, and theta* (no training)."""
-    evaluation = EnsembleEvaluation(fed)
+    """Test loss and accuracy per client: the ensemble, the client's own group, and theta* (no training).
+
+    One ``evaluate`` exchange: each client computes every group's output once and reports
+    the weighted combination, each group alone, and theta*.
+    """
     weights = run.info["weights"]
     clients = sorted(weights)
-    test, result = evaluation.run("test: ensemble", "test", {c: ensemble for c in clients}, weights)
+    test, result = EnsembleEvaluation(fed).run("test", "test", {c: ensemble for c in clients}, weights, with_base=True)
     group_of = {c: g for g, members in groups.items() for c in members}
-    own, _ = evaluation.run(
-        "test: own group",
-        "test",
-        {c: {group_of[c]: ensemble[group_of[c]]} for c in clients},
-        {c: [1.0] for c in clients},
-    )
-    base, _ = evaluation.run(
-        "test: base model",
-        "test",
-        {c: {0: GroupAdapters(fed.theta_star)} for c in clients},
-        {c: [1.0] for c in clients},
-    )
+    position = {g: i for i, g in enumerate(ensemble)}
+    own = {
+        c: {"loss": r["group_loss"][position[group_of[c]]], "accuracy": r["group_accuracy"][position[group_of[c]]]}
+        for c, r in test.items()
+    }
+    base = {c: {"loss": r["base_loss"], "accuracy": r["base_accuracy"]} for c, r in test.items()}
     run.log({"phase": "test", "test_loss": _mean(test, "loss"), **exchange_metrics(result)})
     rows = [
         {
@@ -318,9 +316,11 @@ def _final_report(
             "test_loss": test[c]["loss"],
             "test_accuracy": test[c]["accuracy"],
             "test_targets": test[c]["num-examples"],
-            "own_group_test_loss": own[c]["loss"] if c in own else None,
-            "base_test_loss": base[c]["loss"] if c in base else None,
-            "weights": dict(zip([str(g) for g in sorted(groups)], weights[c], strict=True)),
+            "own_group_test_loss": own[c]["loss"],
+            "own_group_test_accuracy": own[c]["accuracy"],
+            "base_test_loss": base[c]["loss"],
+            "base_test_accuracy": base[c]["accuracy"],
+            "weights": dict(zip([str(g) for g in ensemble], weights[c], strict=True)),
         }
         for c in clients
         if c in test

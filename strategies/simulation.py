@@ -45,6 +45,9 @@ def simulate(config: RunConfig) -> Path:
     if fed.ray_address:
         backend["init_args"] = {"address": fed.ray_address}
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Worker processes inherit this: library deprecation notices, once per actor, bury the progress lines.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
     outcome: dict[str, Any] = {}
     app = ServerApp()
 

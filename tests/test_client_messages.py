@@ -1,16 +1,25 @@
-"""The ClientApp's sketch reply built from a real Flower Context, and the sketch wire format."""
+"""The ClientApp's handlers called with real Flower records and Context, and the wire formats."""
 
 import dataclasses
 
 import numpy as np
 import pytest
-from flwr.app import Context, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients import app as client_app
-from clients.protocol import sketch_from_record, sketch_to_record
+from clients.protocol import (
+    ensemble_from,
+    ensemble_records,
+    run_config,
+    run_record,
+    sketch_from_record,
+    sketch_to_record,
+)
 from elora_fed.adapters import attach_lora
 from elora_fed.client_sketch import SketchMetadata, sketch_client
 from elora_fed.config import RunConfig
+from elora_fed.ensemble import GroupAdapters
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.models import load_base_model, load_tokenizer
@@ -24,14 +33,22 @@ CONFIG = RunConfig.from_flat(
 
 def context(partition: int) -> Context:
     node_config = {"partition-id": partition, "num-partitions": 3}
-    return Context(
-        run_id=1, node_id=10 + partition, node_config=node_config, state=RecordDict(), run_config=CONFIG.to_flat()
-    )
+    return Context(run_id=1, node_id=10 + partition, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def request(**records) -> RecordDict:
+    """A request as the server sends it: the run config plus the phase's records."""
+    return RecordDict({"run": run_record(CONFIG), **records})
+
+
+def theta_star():
+    content = client_app.stats_content(request(options=ConfigRecord({"with-theta-star": True})), context(0))
+    return content.array_records["theta-star"].to_torch_state_dict()
 
 
 def test_sketch_query_replies_with_this_clients_sketch_and_reuses_the_model():
     client_app._adapted_model.cache_clear()
-    decoded = [sketch_from_record(client_app.sketch_content(context(1))) for _ in range(2)]
+    decoded = [sketch_from_record(client_app.sketch_content(request(), context(1))) for _ in range(2)]
     expected_client = load_clients(CONFIG.data, load_tokenizer(CONFIG.model))[1]
     assert decoded[0].client_id == expected_client.client_id
     model = attach_lora(load_base_model(CONFIG.model), CONFIG.adapter)
@@ -64,3 +81,65 @@ def test_malformed_sketch_replies_are_named():
     wrong_d = ClientSketch("a:A", metadata=dataclasses.replace(meta, dim=5), **rows)
     with pytest.raises(DataError, match="d = 5"):
         sketch_from_record(sketch_to_record(wrong_d))
+
+
+def test_train_returns_an_update_of_the_same_adapter_with_its_sample_count():
+    start = theta_star()
+    options = ConfigRecord({"local-steps": 3, "lr": 0.05, "batch-size": 4, "seed": "0:train:1", "objective": "fit"})
+    reply = client_app.train_content(request(arrays=ArrayRecord(start), config=options), context(2))
+    update = reply.array_records["arrays"].to_torch_state_dict()
+    metrics = reply.metric_records["metrics"]
+    client = load_clients(CONFIG.data, load_tokenizer(CONFIG.model))[2]
+    assert update.keys() == start.keys() and metrics["num-examples"] == len(client.splits["train"])
+    assert any(not torch.equal(update[k], start[k]) for k in start) and np.isfinite(metrics["train-loss"])
+    again = client_app.train_content(request(arrays=ArrayRecord(start), config=options), context(2))
+    torch.testing.assert_close(again.array_records["arrays"].to_torch_state_dict(), update)  # seeded
+
+
+def test_evaluate_learns_simplex_weights_or_uses_the_given_ones():
+    start = theta_star()
+    moved = {k: v + 0.2 * torch.randn_like(v) for k, v in start.items()}
+    groups = {0: GroupAdapters(start), 1: GroupAdapters(moved)}
+    fit = ConfigRecord({"split": "validation", "groups": ["0", "1"], "fit-weights": True})
+    learned = client_app.evaluate_content(request(config=fit, **ensemble_records(groups)), context(0))
+    weights = learned.metric_records["metrics"]["weights"]
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
+    one_hot = ConfigRecord({"split": "validation", "groups": ["0", "1"], "weights": [1.0, 0.0]})
+    alone = client_app.evaluate_content(request(config=one_hot, **ensemble_records(groups)), context(0))
+    only = ConfigRecord({"split": "validation", "groups": ["0"], "weights": [1.0]})
+    single = client_app.evaluate_content(request(config=only, **ensemble_records({0: groups[0]})), context(0))
+    assert alone.metric_records["metrics"]["loss"] == pytest.approx(single.metric_records["metrics"]["loss"])
+    assert learned.metric_records["metrics"]["loss"] <= alone.metric_records["metrics"]["loss"] + 1e-4
+
+
+def test_boost_query_features_are_the_sketch_rows_of_the_train_split():
+    start = theta_star()
+    reply = client_app.boost_content(request(**ensemble_records({0: GroupAdapters(start)})), context(1))
+    boost = {k: v.numpy() for k, v in reply.array_records["boost"].items()}
+    sketch = sketch_from_record(client_app.sketch_content(request(), context(1)))
+    outputs, features = sketch.rows("train")
+    np.testing.assert_allclose(boost["features"], features, rtol=1e-4, atol=1e-6)
+    expected = 1 / (1 + np.exp(outputs))  # r = 1 - sigmoid(b) at theta*
+    np.testing.assert_allclose(boost["residuals"], expected, rtol=1e-4)
+    without = client_app.boost_content(
+        request(options=ConfigRecord({"features": False}), **ensemble_records({0: GroupAdapters(start)})), context(1)
+    )
+    assert "features" not in without.array_records["boost"]
+
+
+def test_protocol_decoding_names_what_is_wrong():
+    state = {"x.lora_A.default.weight": torch.ones(2, 2)}
+    decoded = ensemble_from(RecordDict(ensemble_records({3: GroupAdapters(state, [state, state])})))
+    assert list(decoded) == [3] and len(decoded[3].boosts) == 2
+    with pytest.raises(DataError, match="without their base adapter"):
+        ensemble_from(RecordDict({"group.1.boost.0": ArrayRecord(state)}))
+    with pytest.raises(DataError, match="without a readable run config"):
+        run_config(RecordDict())
+    assert run_config(request()) == CONFIG
+    with pytest.raises(DataError, match="'lr' .* is not a number"):
+        client_app.train_content(
+            request(
+                arrays=ArrayRecord(theta_star()), config=ConfigRecord({"local-steps": 1, "lr": "fast", "batch-size": 2})
+            ),
+            context(0),
+        )

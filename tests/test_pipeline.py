@@ -1,0 +1,192 @@
+"""The whole federated pipeline on Flower's simulation engine on Ray, through the ``elora-fed`` CLI.
+
+Each test runs ``elora-fed run`` in a subprocess (its own Ray instance) on the tiny random
+Llama with short rounds, and checks the run directory it leaves.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+
+from elora_fed.adapters import load_peft_adapter
+from elora_fed.config import ModelConfig
+from elora_fed.models import load_base_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model.name": "tiny-random",
+    "data.num_clients": 6,
+    "data.seq_len": 16,
+    "data.max_samples_per_client": 12,
+    "sketch.dim": 32,
+    "affinity.num_subsets": 20,
+    "affinity.subset_size": 3,
+    "clustering.num_groups": 2,
+    "train.rounds": 2,
+    "train.local_steps": 2,
+    "train.lr": 0.01,
+    "boost.steps": 1,
+}
+
+
+def cli(*args: str, settings: dict | None = None) -> list[str]:
+    overrides = [f"--set={k}={v}" for k, v in (settings or {}).items()]
+    return [sys.executable, "-m", "elora_fed.cli", *args, *overrides]
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+
+def only_run_dir(cwd: Path) -> Path:
+    (run_dir,) = (cwd / "runs").iterdir()
+    return run_dir
+
+
+def test_500_clients_end_to_end_write_the_whole_run_directory(tmp_path):
+    settings = {
+        **TINY,
+        "data.num_clients": 500,
+        "data.max_samples_per_client": 10,
+        "affinity.subset_size": 25,
+        "affinity.num_subsets": 0,
+        "clustering.num_groups": 5,
+        "train.rounds": 1,
+        "train.fraction": 0.5,
+    }
+    result = run(cli("run", settings=settings), tmp_path, timeout=1500)
+    run_dir = only_run_dir(tmp_path)
+    assert "EnsembleLoRA: 500 clients, 5 groups" in result.stderr + result.stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data.num_clients"] == 500 and config["train.fraction"] == 0.5
+    clients = json.loads((run_dir / "clients.json").read_text())
+    assert len(clients) == 500 and all(c["train"] >= 1 and c["test"] >= 1 for c in clients)
+    assert np.load(run_dir / "affinity.npy").shape == (500, 500)
+    assert (run_dir / "affinity.png").stat().st_size > 10_000
+    groups = json.loads((run_dir / "groups.json").read_text())
+    assert sorted(c for g in groups["groups"] for c in g) == sorted(c["client_id"] for c in clients)
+    assert len(list((run_dir / "sketches").glob("*.npz"))) == 500
+    adapters = sorted(p.name for p in (run_dir / "adapters").iterdir())
+    assert [a for a in adapters if a.startswith("group-")] == [f"group-{g}" for g in range(5)]
+    weights = json.loads((run_dir / "ensemble_weights.json").read_text())["weights"]
+    assert len(weights) == 500 and all(abs(sum(w) - 1) < 1e-6 for w in weights.values())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in metrics if m["phase"] == "train"]
+    assert len(train) == 1 and train[0]["clients"] == sum(max(1, int(0.5 * len(g))) for g in groups["groups"])
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["num_clients"] == 500 and len(report["clients"]) == 500
+    assert all(np.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in report["clients"])
+    assert "| ensemble |" in (run_dir / "report.md").read_text()
+    # A group adapter is a real peft adapter of the base model.
+    model = PeftModel.from_pretrained(
+        load_base_model(ModelConfig(name="tiny-random")), run_dir / "adapters" / "group-0"
+    )
+    saved = load_peft_adapter(run_dir / "adapters" / "group-0")
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in saved.items())
+
+
+def test_a_run_killed_after_grouping_resumes_to_the_uninterrupted_result(tmp_path):
+    settings = {**TINY, "train.rounds": 3, "train.local_steps": 6}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir()
+    killed.mkdir()
+    run(cli("run", settings=settings), whole)
+    reference = json.loads((only_run_dir(whole) / "report.json").read_text())
+
+    process = subprocess.Popen(
+        cli("run", settings=settings),
+        cwd=killed,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            states = list(killed.glob("runs/*/checkpoint/state.json"))
+            if states and "groups" in json.loads(states[0].read_text())["info"]["done"]:
+                break
+            assert process.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    run_dir = only_run_dir(killed)
+    assert not (run_dir / "report.json").exists()
+    done = json.loads((run_dir / "checkpoint" / "state.json").read_text())["info"]["done"]
+    assert "groups" in done and "train" not in done
+
+    run(cli("run", "--resume", str(run_dir)), killed)
+    resumed = json.loads((run_dir / "report.json").read_text())
+    assert [c["client_id"] for c in resumed["clients"]] == [c["client_id"] for c in reference["clients"]]
+    for got, want in zip(resumed["clients"], reference["clients"], strict=True):
+        assert got["group"] == want["group"]
+        assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-5)
+        assert got["weights"] == pytest.approx(want["weights"], rel=1e-4, abs=1e-6)
+    phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert phases.count("sketch") == 1 and phases.count("train") == 3  # nothing logged twice
+
+
+def test_custom_clustering_fedadam_and_trained_boosting(tmp_path):
+    settings = {
+        **TINY,
+        "strategies.clustering": f"{REPO}/experiments/custom_strategy.py:PlayClustering",
+        "train.aggregation": "flwr.serverapp.strategy:FedAdam",
+        "boost.variant": "trained",
+        "boost.rounds": 1,
+    }
+    run(cli("run", settings=settings), tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    groups = json.loads((run_dir / "groups.json").read_text())
+    plays = [sorted({c.split(":")[0] for c in g}) for g in groups["groups"]]
+    assert all(len(p) == 1 for p in plays) and len({p[0] for p in plays}) == len(plays)  # one group per play
+    phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "boost-train" in phases
+
+
+def test_classification_clients_with_fedprox(tmp_path):
+    settings = {
+        **TINY,
+        "data.source": "classification",
+        "data.path": str(REPO / "tests" / "fixtures" / "classification.jsonl"),
+        "data.seq_len": 48,
+        "affinity.mode": "gradient-cosine",
+        "train.aggregation": "flwr.serverapp.strategy:FedProx",
+    }
+    del settings["data.num_clients"], settings["data.max_samples_per_client"]
+    run(cli("run", settings=settings), tmp_path)
+    report = json.loads((only_run_dir(tmp_path) / "report.json").read_text())
+    assert report["num_clients"] >= 3
+    accuracies = [r["test_accuracy"] for r in report["clients"]]
+    assert all(0 <= a <= 1 for a in accuracies)
+
+
+def test_bad_strategy_path_fails_before_the_simulation_starts(tmp_path):
+    bad = subprocess.run(
+        cli("run", settings={**TINY, "train.aggregation": "flwr.serverapp.strategy:FedNothing"}),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "train.aggregation" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "runs").exists()
