@@ -17,7 +17,9 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True, width=None)
+console = Console(stderr=True)
+if not console.is_terminal:
+    console.width = 120  # logs: one line per event, not wrapped at 80 columns
 
 
 @dataclass(frozen=True)

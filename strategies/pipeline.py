@@ -384,7 +384,8 @@ def _markdown(report: dict[str, Any]) -> str:
 
 
 def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
-    table = Table(title=f"EnsembleLoRA: {report['num_clients']} clients, {report['num_groups']} groups")
+    console.print(f"EnsembleLoRA: {report['num_clients']} clients, {report['num_groups']} groups")
+    table = Table()
     table.add_column("model")
     table.add_column("test loss", justify="right")
     table.add_column("test accuracy", justify="right")

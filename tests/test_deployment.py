@@ -6,6 +6,7 @@ Every process a test starts runs in its own session and is killed by process gro
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,8 +99,13 @@ def test_simulation_attaches_to_a_ray_head_on_loopback(tmp_path):
         start("ray-head", [*head, "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={ray_tmp}"], env)
         wait_for_port(port)
         result = run(cli("run", "--ray-address", f"127.0.0.1:{port}", settings=SHORT), tmp_path)
-    assert "EnsembleLoRA: 2 clients" in result.stdout + result.stderr
+        shutil.copytree(ray_tmp / "session_latest" / "logs", tmp_path / "ray-logs")
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    output = result.stdout + result.stderr
+    assert "EnsembleLoRA: 2 clients" in output
     run_dir = only_run_dir(tmp_path)
     assert json.loads((run_dir / "config.json").read_text())["federation.ray_address"] == f"127.0.0.1:{port}"
-    ray_log = (tmp_path / "ray-head.log").read_text()
-    assert "Ray runtime started" in ray_log
+    assert "Ray runtime started" in (tmp_path / "ray-head.log").read_text()
+    # The clients ran as actors of this cluster (a local Ray of its own would log under /tmp/ray).
+    actor_logs = [f for f in (tmp_path / "ray-logs").glob("worker-*") if "ClientAppActor" in f.read_text()]
+    assert actor_logs
