@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test setup
 demo: $(VENV)/.ready
-	$(BIN)/elora-fed check --preset demo
+	$(BIN)/elora-fed run --preset demo
 
 test: $(VENV)/.ready
 	$(BIN)/ruff check .

@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
-from clients.protocol import Metrics, ensemble_from, number, run_config, sketch_to_record
+from clients.protocol import Metrics, ensemble_from, number, run_config, sketch_to_record, statistics_to_record
 from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import Batch, client_batches
 from elora_fed.classification import ClassificationSamples
@@ -37,11 +37,13 @@ from elora_fed.ensemble import (
     fit_weights,
     group_outputs,
     residual_targets,
+    ridge_statistics,
 )
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
 from elora_fed.sketch import sketch_batches
+from elora_fed.surrogate import client_statistics, task_features
 from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
 
 transformers.utils.logging.disable_progress_bar()  # one bar per worker process and message is noise
@@ -134,6 +136,8 @@ def sketch(msg: Message, context: Context) -> Message:
 def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     """This client's sketch: b and projected gradients of its train and validation samples.
 
+    In private mode (``affinity.mode = "private"``) only its additive statistics leave the
+    client instead (``elora_fed.surrogate.ClientStatistics``), never per-sample features.
     The model, adapter seed and projection seed come from the run config, which the server
     and every client share; only the seeds define theta* and P.
     """
@@ -144,7 +148,10 @@ def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     sk = node.config.sketch
     pad = _tokenizer(node.config.model).pad_token_id
     result = sketch_client(node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad)
-    reply = sketch_to_record(result)
+    if node.config.affinity.mode == "private":
+        reply = statistics_to_record(result.client_id, client_statistics(task_features(result)))
+    else:
+        reply = sketch_to_record(result)
     reply["metrics"] = MetricRecord({"compute-s": time.perf_counter() - start})
     return reply
 
@@ -250,27 +257,26 @@ def boost(msg: Message, context: Context) -> Message:
 
 
 def boost_content(content: RecordDict, context: Context) -> RecordDict:
-    """r = 1 - p per train sample under the group's current ensemble, and (if asked) its sketch features.
+    """r = 1 - p per train sample under the group's current ensemble, and (if asked) ridge statistics.
 
-    The server already holds the train features from the sketch phase (theta* and P do not
-    change), so it asks for them only when it lacks them (``options.features``).
+    The server holds the train features from the sketch phase in exact mode (theta* and P
+    do not change) and needs only the residuals. In private mode it has no per-sample
+    features, so it asks for ``ridge-statistics``: G^T G and G^T r of this client's train
+    samples, additive over clients like the affinity statistics.
     """
     start = time.perf_counter()
     node = node_for(content, context)
     (group,) = ensemble_from(content).values()
     batches = node.batches("train")
     outputs = group_outputs(node.model, batches, group, node.theta_star, node.config.boost.eta)
-    residuals = residual_targets(outputs.per_sample())
-    arrays = {
-        "sample_index": np.arange(len(residuals), dtype=np.int32),
-        "residuals": residuals.numpy().astype(np.float32),
-    }
+    residuals = residual_targets(outputs.per_sample()).numpy().astype(np.float64)
+    arrays = {"sample_index": np.arange(len(residuals), dtype=np.int32), "residuals": residuals}
     options = content.config_records.get("options")
-    if options is None or bool(options.get("features", True)):
+    if options is not None and bool(options.get("ridge-statistics", False)):
         load_adapter_state(node.model, node.theta_star)
         projector, _ = sketch_setup(node.model, node.config)
-        features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features
-        arrays["features"] = features.numpy().astype(np.float32)
+        features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features.numpy()
+        arrays["gram"], arrays["moment"] = ridge_statistics(features, residuals)
     metrics: Metrics = {"num-examples": len(residuals), "compute-s": time.perf_counter() - start}
     records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
     return RecordDict({"boost": ArrayRecord(records), "metrics": MetricRecord(metrics)})

@@ -7,7 +7,9 @@ resumed run's saved config alike), so every launcher configures clients the same
 - ``query.stats``: reply ``client`` (ConfigRecord: client id) and ``samples`` (MetricRecord:
   samples per split); with ``with-theta-star`` set, also ``theta-star`` (the initial adapter).
 - ``query.sketch``: reply ``sketch`` (ArrayRecord: split codes, sample indices, base outputs,
-  projected gradients, labels) and ``sketch_meta`` (ConfigRecord: client id, settings).
+  projected gradients, labels) and ``sketch_meta`` (ConfigRecord: client id, settings); in
+  private mode ``statistics`` (ArrayRecord: ``train.count``, ``train.grad``, ...) instead of
+  ``sketch``.
 - ``train``: ``arrays`` (the adapter to start from) and ``config`` (local steps, lr, batch
   size, seed, objective ``fit`` or ``boost``; Flower strategies add ``server-round`` and,
   FedProx, ``proximal-mu``); a ``boost`` request also carries the group's ensemble.
@@ -15,8 +17,9 @@ resumed run's saved config alike), so every launcher configures clients the same
 - ``evaluate``: the ensemble (ArrayRecords ``group.G.base`` and ``group.G.boost.T``) and
   ``config`` (``split``; ``weights`` per group in ``groups`` order, or ``fit-weights``).
   Reply ``metrics``: ``loss``, ``accuracy``, ``num-examples`` (targets), ``weights``.
-- ``query.boost``: one group's ensemble; reply ``boost`` (ArrayRecord: sample indices,
-  residual targets r = 1 - p, projected gradients at theta*) and ``metrics``.
+- ``query.boost``: one group's ensemble; reply ``boost`` (ArrayRecord: sample indices and
+  residual targets r = 1 - p; with ``options.ridge-statistics`` also G^T G and G^T r of the
+  projected gradients at theta*) and ``metrics``.
 
 Decoding checks every field, so a malformed message is a named error, not a crash later.
 """
@@ -35,6 +38,7 @@ from elora_fed.client_sketch import ClientSketch, SketchMetadata
 from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import DataError
+from elora_fed.surrogate import ClientStatistics, statistics_arrays, statistics_from_arrays
 
 _MEMBER = re.compile(r"group\.(\d+)\.(base|boost\.(\d+))")
 
@@ -105,6 +109,21 @@ def sketch_to_record(sketch: ClientSketch) -> RecordDict:
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(getattr(sketch, name))) for name in SKETCH_ARRAYS})
     meta = ConfigRecord({"client_id": sketch.client_id, "metadata": json.dumps(dataclasses.asdict(sketch.metadata))})
     return RecordDict({"sketch": arrays, "sketch_meta": meta})
+
+
+def statistics_to_record(client_id: str, stats: ClientStatistics) -> RecordDict:
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in statistics_arrays(stats).items()})
+    return RecordDict({"statistics": arrays, "sketch_meta": ConfigRecord({"client_id": client_id})})
+
+
+def statistics_from_record(content: RecordDict, dim: int) -> tuple[str, ClientStatistics]:
+    """A private-mode reply: the client id and its statistics; DataError naming what is malformed."""
+    try:
+        client_id = str(content.config_records["sketch_meta"]["client_id"])
+        arrays = {k: v.numpy() for k, v in content.array_records["statistics"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"malformed statistics reply: {type(e).__name__}: {e}") from e
+    return client_id, statistics_from_arrays(arrays, dim)
 
 
 def sketch_from_record(content: RecordDict) -> ClientSketch:

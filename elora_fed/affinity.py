@@ -9,6 +9,7 @@ loss, so the affinity is the gain over i's single-task estimate, A_ij = f^_i({i}
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.surrogate import (
+    ClientStatistics,
     SubsetEstimates,
     TaskFeatures,
     client_statistics,
@@ -117,32 +119,50 @@ def affinity_from_features(
     tasks: Sequence[TaskFeatures], size: int, count: int, lam: float, seed: int, private: bool = False
 ) -> AffinityResult:
     """Sample pair-covering subsets, solve them and the singletons (exact or private mode), and build the affinity."""
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal start
-        now = time.perf_counter()
-        seconds[stage] = now - start
-        start = now
-
-    subsets = sample_subsets(len(tasks), size, count, seed)
-    lap("sample")
-    singletons = [(i,) for i in range(len(tasks))]
     if private:
+        start = time.perf_counter()
         stats = [client_statistics(t) for t in tasks]
-        lap("statistics")
-        estimates = solve_subsets_private(stats, subsets, lam)
-        lap("solve")
-        singles = solve_subsets_private(stats, singletons, lam)
-    else:
-        estimates = solve_subsets(tasks, subsets, lam)
-        lap("solve")
-        singles = solve_subsets(tasks, singletons, lam)
-    lap("singles")
+        result = affinity_from_statistics(stats, size, count, lam, seed)
+        return dataclasses.replace(result, seconds={"statistics": time.perf_counter() - start, **result.seconds})
+    timer = _Laps()
+    subsets = sample_subsets(len(tasks), size, count, seed)
+    timer.lap("sample")
+    estimates = solve_subsets(tasks, subsets, lam)
+    timer.lap("solve")
+    singles = solve_subsets(tasks, [(i,) for i in range(len(tasks))], lam)
+    timer.lap("singles")
     affinity = task_affinity(estimates, singles.losses[:, 0], len(tasks))
-    lap("affinity")
-    return AffinityResult(affinity, estimates, singles, seconds)
+    timer.lap("affinity")
+    return AffinityResult(affinity, estimates, singles, timer.seconds)
+
+
+def affinity_from_statistics(
+    stats: Sequence[ClientStatistics], size: int, count: int, lam: float, seed: int
+) -> AffinityResult:
+    """The private mode from the clients' additive statistics alone (what a server in that mode receives)."""
+    timer = _Laps()
+    subsets = sample_subsets(len(stats), size, count, seed)
+    timer.lap("sample")
+    estimates = solve_subsets_private(stats, subsets, lam)
+    timer.lap("solve")
+    singles = solve_subsets_private(stats, [(i,) for i in range(len(stats))], lam)
+    timer.lap("singles")
+    affinity = task_affinity(estimates, singles.losses[:, 0], len(stats))
+    timer.lap("affinity")
+    return AffinityResult(affinity, estimates, singles, timer.seconds)
+
+
+class _Laps:
+    """Seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._start
+        self._start = now
 
 
 def gradient_cosine_affinity(tasks: Sequence[TaskFeatures]) -> np.ndarray:

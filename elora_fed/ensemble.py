@@ -124,11 +124,15 @@ def residual_targets(per_sample_h: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.sigmoid(per_sample_h)
 
 
-def ridge_fit(features: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
-    """argmin_w |targets - features w|^2 + ridge |w|^2, the first-order boosting fit in sketch space."""
+def ridge_statistics(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G^T G, G^T r): the additive statistics of a least-squares fit, summed over clients."""
     g = np.asarray(features, dtype=np.float64)
-    gram = g.T @ g + ridge * np.eye(g.shape[1])
-    return np.linalg.solve(gram, g.T @ np.asarray(targets, dtype=np.float64))
+    return g.T @ g, g.T @ np.asarray(targets, dtype=np.float64)
+
+
+def ridge_fit(gram: np.ndarray, moment: np.ndarray, ridge: float) -> np.ndarray:
+    """argmin_w |r - G w|^2 + ridge |w|^2 from G^T G and G^T r: the first-order boosting fit in sketch space."""
+    return np.linalg.solve(gram + ridge * np.eye(len(moment)), moment)
 
 
 def lift(theta_star: AdapterState, projector: JLProjector, w: np.ndarray) -> AdapterState:

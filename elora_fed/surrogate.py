@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,6 +143,59 @@ def client_statistics(task: TaskFeatures, dtype: torch.dtype = torch.float32) ->
         split_statistics(task.train_outputs, task.train_features, dtype),
         split_statistics(task.val_outputs, task.val_features, dtype),
     )
+
+
+STATISTIC_FIELDS = ("count", "loss", "grad", "curv")
+
+
+def statistics_arrays(stats: ClientStatistics) -> dict[str, np.ndarray]:
+    """The statistics as named arrays (``train.grad``, ...): how they travel and are stored."""
+    return {
+        f"{split}.{name}": getattr(getattr(stats, split), name).cpu().numpy()
+        for split in ("train", "validation")
+        for name in STATISTIC_FIELDS
+    }
+
+
+def statistics_from_arrays(arrays: dict[str, np.ndarray], dim: int) -> ClientStatistics:
+    """Inverse of ``statistics_arrays``; DataError naming a missing, misshapen or non-finite field."""
+    shapes = {"count": (), "loss": (), "grad": (dim,), "curv": (dim, dim)}
+    splits = {}
+    for split in ("train", "validation"):
+        values = []
+        for name in STATISTIC_FIELDS:
+            key = f"{split}.{name}"
+            if key not in arrays:
+                raise DataError(f"malformed statistics: '{key}' is missing")
+            value = np.asarray(arrays[key])
+            if shapes[name] == () and value.shape == (1,):
+                value = value.reshape(())  # a scalar may travel as a 1-element array
+            if value.shape != shapes[name] or not np.isfinite(value).all():
+                raise DataError(f"malformed statistics: '{key}' has shape {value.shape} or non-finite values")
+            values.append(torch.as_tensor(value))
+        splits[split] = SplitStatistics(*values)
+    return ClientStatistics(splits["train"], splits["validation"])
+
+
+def save_statistics(path: Path, client_ids: Sequence[str], stats: Sequence[ClientStatistics]) -> None:
+    """All clients' statistics in one ``.npz``, atomically, with the client ids."""
+    arrays: dict[str, np.ndarray] = {"client_ids": np.array(list(client_ids))}
+    arrays.update({f"{i}/{k}": v for i, s in enumerate(stats) for k, v in statistics_arrays(s).items()})
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
+    tmp.replace(path)
+
+
+def load_statistics(path: Path) -> tuple[list[str], list[ClientStatistics]]:
+    with np.load(path) as data:
+        ids = [str(c) for c in data["client_ids"]]
+        dim = int(data["0/train.grad"].shape[0])
+        stats = [
+            statistics_from_arrays({k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")}, dim)
+            for i in range(len(ids))
+        ]
+    return ids, stats
 
 
 @dataclass(frozen=True)

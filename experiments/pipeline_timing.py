@@ -4,7 +4,7 @@ Reads ``metrics.jsonl`` and ``report.json`` of a finished run directory (``elora
 Every exchange line records its wall time and the sum of the clients' ``compute-s`` (time
 inside the handler: loading nothing but the per-process cache, then the model work). With
 ``W`` clients working in parallel (Ray actors: CPUs / ``federation.cpus_per_client``), the
-simulation overhead of an exchange is ``wall - compute / W``: message transport, actor
+simulation overhead of an exchange is ``wall - compute / W`` (W capped at the number of messages): message transport, actor
 scheduling, serialization and the server's own work. Per message that is
 ``(W * wall - compute) / messages``.
 
@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PHASES = ("sketch", "groups", "train", "boost", "weights", "test")
 
 
 def main() -> None:
@@ -34,9 +35,10 @@ def main() -> None:
         m = json.loads(line)
         if "wall_s" not in m:
             continue
-        label = m["phase"] + (f" round {m['round']}" if "round" in m else "")
+        label = m.get("exchange") or m["phase"] + (f" round {m['round']}" if "round" in m else "")
         compute, wall, messages = m["client_compute_s"], m["wall_s"], m["clients"] + m["failed"]
-        overhead = max(0.0, wall - compute / args.workers)
+        workers = max(1, min(args.workers, messages))
+        overhead = max(0.0, wall - compute / workers)
         rows.append(
             {
                 "exchange": label,
@@ -44,7 +46,7 @@ def main() -> None:
                 "wall_s": wall,
                 "client_compute_s": compute,
                 "overhead_s": round(overhead, 3),
-                "overhead_per_message_s": round(overhead * args.workers / messages, 4) if messages else None,
+                "overhead_per_message_s": round(overhead * workers / messages, 4) if messages else None,
                 "overhead_share": round(overhead / wall, 4) if wall else None,
             }
         )
@@ -68,7 +70,7 @@ def main() -> None:
         "",
         "| phase | wall s |",
         "| --- | --- |",
-        *[f"| {p} | {s:.1f} |" for p, s in report["seconds"].items()],
+        *[f"| {p} | {report['seconds'][p]:.1f} |" for p in PHASES if p in report["seconds"]],
         f"| total | {sum(report['seconds'].values()):.1f} |",
         "",
         "| exchange | messages | wall s | client compute s | overhead s | overhead per message s | overhead share |",

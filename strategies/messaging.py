@@ -26,6 +26,7 @@ if not console.is_terminal:
 class Exchange:
     """The outcome of one exchange: replies without errors, failures, and timings."""
 
+    label: str
     replies: list[Message]
     failures: list[str]
     sent: int
@@ -79,7 +80,7 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, timeout: float
     failures = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in received if r.has_error()]
     failures += [f"no reply within {timeout:.0f} s"] * len(pending)
     seconds = time.perf_counter() - start
-    result = Exchange(ok, failures, sent, seconds)
+    result = Exchange(label, ok, failures, sent, seconds)
     note = f", {len(failures)} failed" if failures else ""
     console.log(f"{label}: {len(ok)}/{sent} answered{note} in {seconds:.1f} s")
     for failure in failures[:3]:

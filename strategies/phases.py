@@ -1,8 +1,9 @@
 """The server's phases, each a small class over the message protocol (``clients.protocol``).
 
 Replaceable by dotted path in the config (``strategies.*``, ``train.aggregation``):
-- an affinity estimator: ``Class(config)`` with ``estimate(sketches) -> (n, n) array``,
-  higher meaning "training together helps" (``SurrogateAffinity`` is the default);
+- an affinity estimator: ``Class(config)`` with ``estimate(collected) -> (n, n) array``,
+  higher meaning "training together helps", where ``collected`` is the clients' sketches
+  in client order (their statistics in private mode); ``SurrogateAffinity`` is the default;
 - a clustering: ``Class(config)`` with ``group(affinity, client_ids) -> labels`` (n ints,
   groups numbered from 0; ``SDPClustering`` is the default);
 - the aggregation: any Flower ``Strategy`` class (FedAvg, FedProx, FedAdam, ...), run by
@@ -25,15 +26,15 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from clients.protocol import ensemble_records, number, run_record, sketch_from_record
-from elora_fed.affinity import affinity_from_features, gradient_cosine_affinity
+from clients.protocol import ensemble_records, number, run_record, sketch_from_record, statistics_from_record
+from elora_fed.affinity import affinity_from_features, affinity_from_statistics, gradient_cosine_affinity
 from elora_fed.client_sketch import ClientSketch
 from elora_fed.clustering import cluster, spectral_clustering
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import AdapterState, GroupAdapters, lift, ridge_fit
+from elora_fed.ensemble import AdapterState, GroupAdapters, lift, ridge_fit, ridge_statistics
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.projection import JLProjector
-from elora_fed.surrogate import task_features
+from elora_fed.surrogate import ClientStatistics, task_features
 from strategies.federation import Federation, GroupGrid
 from strategies.messaging import Exchange, exchange
 
@@ -62,29 +63,40 @@ def load_class(path: str, key: str) -> type:
 
 
 class SketchPhase:
-    """Phase 2: every client's projected-gradient sketch of its train and validation samples."""
+    """Phase 2: every client's sketch of its train and validation samples (or, private mode, its statistics)."""
 
-    def run(self, fed: Federation) -> tuple[list[ClientSketch], Exchange]:
+    def run(self, fed: Federation) -> tuple[list[ClientSketch] | list[tuple[str, ClientStatistics]], Exchange]:
         result = exchange(fed.grid, fed.requests(fed.client_ids, "query.sketch", {}), "sketch", _timeout(fed))
-        sketches = sorted((sketch_from_record(r.content) for r in result.replies), key=lambda s: s.client_id)
-        if len(sketches) < len(fed.client_ids):
-            raise DataError(f"{len(fed.client_ids) - len(sketches)} clients sent no sketch: {result.failures[:2]}")
-        return sketches, result
+        if len(result.replies) < len(fed.client_ids):
+            raise DataError(
+                f"{len(fed.client_ids) - len(result.replies)} clients sent no sketch: {result.failures[:2]}"
+            )
+        if fed.config.affinity.mode == "private":
+            stats = [statistics_from_record(r.content, fed.config.sketch.dim) for r in result.replies]
+            return sorted(stats, key=lambda item: item[0]), result
+        return sorted((sketch_from_record(r.content) for r in result.replies), key=lambda s: s.client_id), result
 
 
 class SurrogateAffinity:
-    """Phase 3a: task affinity from surrogate fine-tuning on client subsets (``affinity.mode``)."""
+    """Phase 3a: task affinity from surrogate fine-tuning on client subsets (``affinity.mode``).
+
+    ``estimate`` gets what the sketch phase collected, in client order: ``ClientSketch``es,
+    or ``ClientStatistics`` in private mode.
+    """
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config.affinity
 
-    def estimate(self, sketches: Sequence[ClientSketch]) -> np.ndarray:
-        tasks = [task_features(s) for s in sketches]
+    def estimate(self, collected: Sequence[ClientSketch] | Sequence[ClientStatistics]) -> np.ndarray:
         af = self.config
+        size = min(af.subset_size, len(collected))
+        if all(isinstance(c, ClientStatistics) for c in collected):
+            stats = [c for c in collected if isinstance(c, ClientStatistics)]
+            return affinity_from_statistics(stats, size, af.num_subsets, af.lam, af.seed).affinity
+        tasks = [task_features(c) for c in collected if isinstance(c, ClientSketch)]
         if af.mode == "gradient-cosine":
             return gradient_cosine_affinity(tasks)
-        size = min(af.subset_size, len(tasks))
-        return affinity_from_features(tasks, size, af.num_subsets, af.lam, af.seed, af.mode == "private").affinity
+        return affinity_from_features(tasks, size, af.num_subsets, af.lam, af.seed).affinity
 
 
 class SDPClustering:
@@ -245,28 +257,36 @@ def first_order_boost(
 ) -> tuple[AdapterState, Exchange]:
     """A boosting adapter fit in sketch space: ridge regression of the residuals, lifted with P.
 
-    Train features come from ``sketches`` (the sketch phase's, at the same theta* and P)
-    where the server has them; clients send only their residuals then.
+    With the sketch phase's train features at hand (exact mode: same theta* and P), clients
+    send only their residuals; otherwise (private mode) they send the additive statistics
+    G^T G and G^T r, and no per-sample feature leaves them.
     """
     config = fed.config
     have = all(c in sketches for c in members)
-    records: dict[str, ArrayRecord | ConfigRecord] = {"options": ConfigRecord({"features": not have})}
+    records: dict[str, ArrayRecord | ConfigRecord] = {"options": ConfigRecord({"ridge-statistics": not have})}
     records.update(ensemble_records({0: group}))
     result = exchange(fed.grid, fed.requests(sorted(members), "query.boost", records), "boost", _timeout(fed))
     if not result.replies:
         raise DataError(f"no client of the group answered the boosting query: {result.failures[:2]}")
-    features, residuals = [], []
+    d = config.sketch.dim
+    gram, moment = np.zeros((d, d)), np.zeros(d)
     for reply in result.replies:
-        arrays = reply.content.array_records["boost"]
-        r = arrays["residuals"].numpy()
-        g = sketches[fed.client_of(reply)].rows("train")[1] if have else arrays["features"].numpy()
-        if g.shape != (len(r), config.sketch.dim) or not np.isfinite(r).all() or not np.isfinite(g).all():
-            raise DataError(
-                f"malformed boosting reply from '{fed.client_of(reply)}': {len(r)} residuals, features {g.shape}"
-            )
-        features.append(g)
-        residuals.append(r)
-    w = ridge_fit(np.concatenate(features), np.concatenate(residuals), config.boost.ridge)
+        client = fed.client_of(reply)
+        arrays = {k: v.numpy() for k, v in reply.content.array_records["boost"].items()}
+        if have:
+            features = sketches[client].rows("train")[1]
+            if len(features) != len(arrays["residuals"]):
+                raise DataError(
+                    f"boosting reply from '{client}': {len(arrays['residuals'])} residuals, {len(features)} samples"
+                )
+            parts = ridge_statistics(features, arrays["residuals"])
+        else:
+            parts = (arrays.get("gram", np.zeros(0)), arrays.get("moment", np.zeros(0)))
+        if parts[0].shape != (d, d) or parts[1].shape != (d,) or not all(np.isfinite(x).all() for x in parts):
+            raise DataError(f"malformed boosting reply from '{client}'")
+        gram += parts[0]
+        moment += parts[1]
+    w = ridge_fit(gram, moment, config.boost.ridge)
     sk = config.sketch
     p = sum(t.numel() for name, t in fed.theta_star.items() if ".lora_B." in name)
     projector = JLProjector(p, sk.dim, sk.seed, sk.projection, sk.block_rows)
@@ -276,6 +296,7 @@ def first_order_boost(
 def exchange_metrics(result: Exchange) -> dict[str, Any]:
     """Timing of one exchange: wall time against the clients' own compute time."""
     return {
+        "exchange": result.label,
         "clients": len(result.replies),
         "failed": len(result.failures),
         "wall_s": round(result.seconds, 3),

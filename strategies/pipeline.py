@@ -24,13 +24,14 @@ from rich.table import Table
 
 from elora_fed.adapters import save_peft_adapter
 from elora_fed.checkpoint import Checkpoint, Snapshot
-from elora_fed.client_sketch import load_sketches
+from elora_fed.client_sketch import ClientSketch, load_sketches
 from elora_fed.clustering import canonical_labels
 from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.plots import affinity_heatmap
 from elora_fed.run_dir import create_run_dir, write_json
+from elora_fed.surrogate import ClientStatistics, load_statistics, save_statistics
 from strategies.federation import Federation, discover, wait_for_nodes
 from strategies.messaging import Exchange, console
 from strategies.phases import (
@@ -42,6 +43,8 @@ from strategies.phases import (
     load_class,
     make_aggregation,
 )
+
+PHASES = ("sketch", "groups", "train", "boost", "weights", "test")
 
 
 class PipelineRun:
@@ -103,9 +106,13 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
 
     if not run.done("sketch"):
         started = time.perf_counter()
-        sketches, result = SketchPhase().run(fed)
-        for sketch in sketches:
-            sketch.save(run.dir / "sketches")
+        collected, result = SketchPhase().run(fed)
+        for item in collected:
+            if isinstance(item, ClientSketch):
+                item.save(run.dir / "sketches")
+        statistics = [item for item in collected if isinstance(item, tuple)]
+        if statistics:
+            save_statistics(run.dir / "statistics.npz", [c for c, _ in statistics], [s for _, s in statistics])
         run.log({"phase": "sketch", **exchange_metrics(result)})
         run.complete("sketch", started)
     if not run.done("groups"):
@@ -156,10 +163,14 @@ def _count_clients(config: RunConfig) -> int:
 
 def _group(run: PipelineRun, fed: Federation) -> None:
     config = run.config
-    sketches = load_sketches(run.dir / "sketches")
-    ids = [s.client_id for s in sketches]
+    collected: list[ClientSketch] | list[ClientStatistics]
+    if (run.dir / "statistics.npz").exists():
+        ids, collected = load_statistics(run.dir / "statistics.npz")
+    else:
+        collected = load_sketches(run.dir / "sketches")
+        ids = [s.client_id for s in collected]
     estimator = load_class(config.strategies.affinity, "strategies.affinity")(config)
-    affinity = np.asarray(estimator.estimate(sketches), dtype=np.float64)
+    affinity = np.asarray(estimator.estimate(collected), dtype=np.float64)
     if affinity.shape != (len(ids), len(ids)) or not np.isfinite(affinity).all():
         raise DataError(
             f"{config.strategies.affinity} returned an affinity of shape {affinity.shape} for {len(ids)} clients"
@@ -251,7 +262,8 @@ def _boost(
         console.log(f"boosting step {step}/{bc.steps}: group {g} (train loss {losses[g]:.4f}), {bc.variant}")
         result: Exchange | None = None
         if bc.variant == "first-order":
-            sketches = {s.client_id: s for s in load_sketches(run.dir / "sketches")}
+            folder = run.dir / "sketches"
+            sketches = {s.client_id: s for s in load_sketches(folder)} if folder.exists() else {}
             adapter, result = first_order_boost(fed, groups[g], ensemble[g], sketches)
         else:
 
@@ -365,7 +377,7 @@ def _markdown(report: dict[str, Any]) -> str:
     ):
         lines.append(f"| {name} | {avg[key]['test_loss']:.4f} | {avg[key]['test_accuracy']:.4f} |")
     lines += ["", "## Phases (wall seconds)", "", "| phase | seconds |", "| --- | --- |"]
-    lines += [f"| {p} | {s:.1f} |" for p, s in report["seconds"].items()]
+    lines += [f"| {p} | {report['seconds'][p]:.1f} |" for p in PHASES if p in report["seconds"]]
     lines += ["", "## Boosting", ""]
     lines += [
         f"- step {b['step']}: group {b['group']}, train loss {b['train_loss_before']:.4f} -> "
@@ -393,5 +405,5 @@ def _print_summary(report: dict[str, Any], run_dir: Path) -> None:
         avg = report["average"][key]
         table.add_row(name, f"{avg['test_loss']:.4f}", f"{avg['test_accuracy']:.4f}")
     console.print(table)
-    console.print("phases: " + ", ".join(f"{p} {s:.0f} s" for p, s in report["seconds"].items()))
+    console.print("phases: " + ", ".join(f"{p} {report['seconds'][p]:.0f} s" for p in PHASES if p in report["seconds"]))
     console.print(f"written to {run_dir}")

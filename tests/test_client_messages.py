@@ -19,7 +19,7 @@ from clients.protocol import (
 from elora_fed.adapters import attach_lora
 from elora_fed.client_sketch import SketchMetadata, sketch_client
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import GroupAdapters
+from elora_fed.ensemble import GroupAdapters, ridge_statistics
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.models import load_base_model, load_tokenizer
@@ -112,19 +112,20 @@ def test_evaluate_learns_simplex_weights_or_uses_the_given_ones():
     assert learned.metric_records["metrics"]["loss"] <= alone.metric_records["metrics"]["loss"] + 1e-4
 
 
-def test_boost_query_features_are_the_sketch_rows_of_the_train_split():
+def test_boost_query_sends_residuals_and_asked_for_ridge_statistics_of_the_sketch_rows():
     start = theta_star()
-    reply = client_app.boost_content(request(**ensemble_records({0: GroupAdapters(start)})), context(1))
+    ask = ConfigRecord({"ridge-statistics": True})
+    reply = client_app.boost_content(request(options=ask, **ensemble_records({0: GroupAdapters(start)})), context(1))
     boost = {k: v.numpy() for k, v in reply.array_records["boost"].items()}
     sketch = sketch_from_record(client_app.sketch_content(request(), context(1)))
     outputs, features = sketch.rows("train")
-    np.testing.assert_allclose(boost["features"], features, rtol=1e-4, atol=1e-6)
     expected = 1 / (1 + np.exp(outputs))  # r = 1 - sigmoid(b) at theta*
     np.testing.assert_allclose(boost["residuals"], expected, rtol=1e-4)
-    without = client_app.boost_content(
-        request(options=ConfigRecord({"features": False}), **ensemble_records({0: GroupAdapters(start)})), context(1)
-    )
-    assert "features" not in without.array_records["boost"]
+    gram, moment = ridge_statistics(features, expected)
+    np.testing.assert_allclose(boost["gram"], gram, rtol=1e-3, atol=1e-6 * np.abs(gram).max())
+    np.testing.assert_allclose(boost["moment"], moment, rtol=1e-3, atol=1e-6 * np.abs(moment).max())
+    plain = client_app.boost_content(request(**ensemble_records({0: GroupAdapters(start)})), context(1))
+    assert set(plain.array_records["boost"]) == {"sample_index", "residuals"}  # no feature leaves by default
 
 
 def test_protocol_decoding_names_what_is_wrong():

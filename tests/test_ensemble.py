@@ -17,6 +17,7 @@ from elora_fed.ensemble import (
     lift,
     residual_targets,
     ridge_fit,
+    ridge_statistics,
 )
 from elora_fed.evaluation import mean_token_loss
 from elora_fed.models import load_base_model
@@ -86,6 +87,7 @@ def test_residuals_and_ridge_fit():
     assert residual_targets(torch.tensor([0.0, 100.0])).tolist() == pytest.approx([0.5, 0.0])
     rng = np.random.RandomState(0)
     g, w = rng.randn(200, 5), rng.randn(5)
-    fit = ridge_fit(g, g @ w, ridge=1e-8)
-    np.testing.assert_allclose(fit, w, rtol=1e-5)
-    assert np.linalg.norm(ridge_fit(g, g @ w, ridge=1e4)) < 0.1 * np.linalg.norm(w)  # ridge shrinks
+    halves = [ridge_statistics(g[:80], g[:80] @ w), ridge_statistics(g[80:], g[80:] @ w)]
+    gram, moment = (sum(parts) for parts in zip(*halves, strict=True))  # additive over clients
+    np.testing.assert_allclose(ridge_fit(gram, moment, ridge=1e-8), w, rtol=1e-5)
+    assert np.linalg.norm(ridge_fit(gram, moment, ridge=1e4)) < 0.1 * np.linalg.norm(w)  # ridge shrinks

@@ -169,19 +169,23 @@ def test_custom_clustering_fedadam_and_trained_boosting(tmp_path):
     assert "boost-train" in phases
 
 
-def test_classification_clients_with_fedprox(tmp_path):
+def test_classification_clients_private_affinity_and_fedprox(tmp_path):
+    """Private mode end to end: only additive statistics leave the clients, for affinity and boosting."""
     settings = {
         **TINY,
         "data.source": "classification",
         "data.path": str(REPO / "tests" / "fixtures" / "classification.jsonl"),
         "data.seq_len": 48,
-        "affinity.mode": "gradient-cosine",
+        "affinity.mode": "private",
         "train.aggregation": "flwr.serverapp.strategy:FedProx",
     }
     del settings["data.num_clients"], settings["data.max_samples_per_client"]
     run(cli("run", settings=settings), tmp_path)
-    report = json.loads((only_run_dir(tmp_path) / "report.json").read_text())
+    run_dir = only_run_dir(tmp_path)
+    report = json.loads((run_dir / "report.json").read_text())
     assert report["num_clients"] >= 3
+    assert (run_dir / "statistics.npz").exists() and not (run_dir / "sketches").exists()
+    assert np.load(run_dir / "affinity.npy").shape == (report["num_clients"],) * 2
     accuracies = [r["test_accuracy"] for r in report["clients"]]
     assert all(0 <= a <= 1 for a in accuracies)
 
