@@ -189,7 +189,9 @@ class FederationConfig:
     ``num_nodes`` is how many nodes the server waits for before the first phase (nodes
     register asynchronously); ``0`` means one per client of the data config. ``wait_s``
     bounds that wait and ``timeout_s`` bounds every exchange of messages (stragglers past it
-    are left out of that round). ``ray_address`` attaches ``elora-fed run`` to a running Ray
+    are left out of that round). ``max_in_flight`` bounds the messages queued at the
+    SuperLink at once (0: all), which keeps Flower's simulation engine from spending a CPU
+    core scanning them. ``ray_address`` attaches ``elora-fed run`` to a running Ray
     cluster (``auto`` or ``host:port``); empty starts a local one. ``cpus_per_client`` and
     ``gpus_per_client`` size each simulated client's Ray actor.
     """
@@ -197,6 +199,7 @@ class FederationConfig:
     num_nodes: int = 0
     wait_s: float = 300.0
     timeout_s: float = 3600.0
+    max_in_flight: int = 16
     ray_address: str = ""
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
@@ -205,6 +208,7 @@ class FederationConfig:
         _check_range("federation.num_nodes", self.num_nodes, low=0)
         _check_range("federation.wait_s", self.wait_s, low=0.0, inclusive_low=False)
         _check_range("federation.timeout_s", self.timeout_s, low=0.0, inclusive_low=False)
+        _check_range("federation.max_in_flight", self.max_in_flight, low=0)
         _check_range("federation.cpus_per_client", self.cpus_per_client, low=0.0, inclusive_low=False)
         _check_range("federation.gpus_per_client", self.gpus_per_client, low=0.0)
 

@@ -82,7 +82,7 @@ def discover(grid: Grid, config: RunConfig, nodes: list[int]) -> Federation:
             "options": ConfigRecord({"with-theta-star": i == 0}),
         }
         messages.append(Message(RecordDict(records), dst_node_id=node, message_type="query.stats"))
-    result = exchange(grid, messages, "clients", config.federation.timeout_s)
+    result = exchange(grid, messages, "clients", config.federation)
     node_of: dict[str, int] = {}
     samples: dict[str, dict[str, int]] = {}
     theta_star: AdapterState | None = None

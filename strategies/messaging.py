@@ -17,6 +17,8 @@ from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from elora_fed.config import FederationConfig
+
 console = Console(stderr=True)
 if not console.is_terminal:
     console.width = 120  # logs: one line per event, not wrapped at 80 columns
@@ -42,15 +44,25 @@ class Exchange:
         return total
 
 
-def exchange(grid: Grid, messages: Iterable[Message], label: str, timeout: float, poll_s: float = 0.2) -> Exchange:
-    """Send ``messages``, wait for their replies up to ``timeout`` seconds, show progress.
+def exchange(
+    grid: Grid, messages: Iterable[Message], label: str, federation: FederationConfig, poll_s: float = 0.2
+) -> Exchange:
+    """Send ``messages``, wait for their replies up to ``federation.timeout_s`` seconds, show progress.
 
-    On a terminal the progress is a live bar; otherwise (logs, CI) a line every 30 s.
+    At most ``federation.max_in_flight`` messages (0: all) wait at the SuperLink at a time; the rest
+    are pushed as replies come in. Flower's simulation engine scans every stored message
+    for every node ten times a second, so hundreds of queued messages cost a CPU core that
+    the clients need. On a terminal the progress is a live bar; otherwise (logs, CI) a
+    line every 30 s.
     """
     start = time.perf_counter()
     last_line = start
-    pending = set(grid.push_messages(list(messages)))
-    sent = len(pending)
+    timeout = federation.timeout_s
+    queue = list(messages)
+    sent = len(queue)
+    window = federation.max_in_flight if federation.max_in_flight > 0 else sent
+    pending = set(grid.push_messages(queue[:window]))
+    queue = queue[window:]
     received: list[Message] = []
     columns = (
         TextColumn("{task.description}"),
@@ -68,6 +80,9 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, timeout: float
             for reply in replies:
                 pending.discard(reply.metadata.reply_to_message_id)
             received.extend(replies)
+            if queue and len(pending) < window:
+                more, queue = queue[: window - len(pending)], queue[window - len(pending) :]
+                pending.update(grid.push_messages(more))
             progress.update(task, completed=len(received))
             now = time.perf_counter()
             if not console.is_terminal and now - last_line >= 30 and pending:
@@ -78,7 +93,7 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, timeout: float
                 time.sleep(poll_s)
     ok = sorted((r for r in received if not r.has_error()), key=lambda r: r.metadata.src_node_id)
     failures = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in received if r.has_error()]
-    failures += [f"no reply within {timeout:.0f} s"] * len(pending)
+    failures += [f"no reply within {timeout:.0f} s"] * (len(pending) + len(queue))
     seconds = time.perf_counter() - start
     result = Exchange(label, ok, failures, sent, seconds)
     note = f", {len(failures)} failed" if failures else ""

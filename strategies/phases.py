@@ -66,7 +66,7 @@ class SketchPhase:
     """Phase 2: every client's sketch of its train and validation samples (or, private mode, its statistics)."""
 
     def run(self, fed: Federation) -> tuple[list[ClientSketch] | list[tuple[str, ClientStatistics]], Exchange]:
-        result = exchange(fed.grid, fed.requests(fed.client_ids, "query.sketch", {}), "sketch", _timeout(fed))
+        result = exchange(fed.grid, fed.requests(fed.client_ids, "query.sketch", {}), "sketch", fed.config.federation)
         if len(result.replies) < len(fed.client_ids):
             raise DataError(
                 f"{len(fed.client_ids) - len(result.replies)} clients sent no sketch: {result.failures[:2]}"
@@ -185,7 +185,7 @@ class GroupTraining:
                         for name, record in ensemble_records({g: ensemble[g]}).items():
                             message.content[name] = record
                     messages.append(message)
-            result = exchange(self.fed.grid, messages, f"{self.label} round {rnd}/{rounds}", _timeout(self.fed))
+            result = exchange(self.fed.grid, messages, f"{self.label} round {rnd}/{rounds}", self.fed.config.federation)
             group_of = {self.fed.node_of[c]: g for g, members in groups.items() for c in members}
             losses: dict[str, float] = {}
             for g in groups:
@@ -230,7 +230,7 @@ class EnsembleEvaluation:
             records: dict[str, ArrayRecord | ConfigRecord] = {"config": ConfigRecord(options)}
             records.update(ensemble_records(groups))
             messages.extend(self.fed.requests([client], "evaluate", records))
-        result = exchange(self.fed.grid, messages, label, _timeout(self.fed))
+        result = exchange(self.fed.grid, messages, label, self.fed.config.federation)
         per_client = {}
         for reply in result.replies:
             metrics = reply.content.metric_records["metrics"]
@@ -265,7 +265,7 @@ def first_order_boost(
     have = all(c in sketches for c in members)
     records: dict[str, ArrayRecord | ConfigRecord] = {"options": ConfigRecord({"ridge-statistics": not have})}
     records.update(ensemble_records({0: group}))
-    result = exchange(fed.grid, fed.requests(sorted(members), "query.boost", records), "boost", _timeout(fed))
+    result = exchange(fed.grid, fed.requests(sorted(members), "query.boost", records), "boost", fed.config.federation)
     if not result.replies:
         raise DataError(f"no client of the group answered the boosting query: {result.failures[:2]}")
     d = config.sketch.dim
@@ -302,7 +302,3 @@ def exchange_metrics(result: Exchange) -> dict[str, Any]:
         "wall_s": round(result.seconds, 3),
         "client_compute_s": round(result.compute_s, 3),
     }
-
-
-def _timeout(fed: Federation) -> float:
-    return fed.config.federation.timeout_s
