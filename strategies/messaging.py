@@ -87,7 +87,7 @@ def exchange(
             now = time.perf_counter()
             if not console.is_terminal and now - last_line >= 30 and pending:
                 last_line = now
-                eta = (now - start) / len(received) * len(pending) if received else float("nan")
+                eta = (now - start) / len(received) * (sent - len(received)) if received else float("nan")
                 console.log(f"{label}: {len(received)}/{sent} answered after {now - start:.0f} s, ETA {eta:.0f} s")
             if pending and not replies:
                 time.sleep(poll_s)
