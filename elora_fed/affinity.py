@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,45 +124,37 @@ def affinity_from_features(
         stats = [client_statistics(t) for t in tasks]
         result = affinity_from_statistics(stats, size, count, lam, seed)
         return dataclasses.replace(result, seconds={"statistics": time.perf_counter() - start, **result.seconds})
-    timer = _Laps()
-    subsets = sample_subsets(len(tasks), size, count, seed)
-    timer.lap("sample")
-    estimates = solve_subsets(tasks, subsets, lam)
-    timer.lap("solve")
-    singles = solve_subsets(tasks, [(i,) for i in range(len(tasks))], lam)
-    timer.lap("singles")
-    affinity = task_affinity(estimates, singles.losses[:, 0], len(tasks))
-    timer.lap("affinity")
-    return AffinityResult(affinity, estimates, singles, timer.seconds)
+    return _affinity(len(tasks), size, count, seed, lambda subsets: solve_subsets(tasks, subsets, lam))
 
 
 def affinity_from_statistics(
     stats: Sequence[ClientStatistics], size: int, count: int, lam: float, seed: int
 ) -> AffinityResult:
     """The private mode from the clients' additive statistics alone (what a server in that mode receives)."""
-    timer = _Laps()
-    subsets = sample_subsets(len(stats), size, count, seed)
-    timer.lap("sample")
-    estimates = solve_subsets_private(stats, subsets, lam)
-    timer.lap("solve")
-    singles = solve_subsets_private(stats, [(i,) for i in range(len(stats))], lam)
-    timer.lap("singles")
-    affinity = task_affinity(estimates, singles.losses[:, 0], len(stats))
-    timer.lap("affinity")
-    return AffinityResult(affinity, estimates, singles, timer.seconds)
+    return _affinity(len(stats), size, count, seed, lambda subsets: solve_subsets_private(stats, subsets, lam))
 
 
-class _Laps:
-    """Seconds per named stage."""
+def _affinity(
+    n: int, size: int, count: int, seed: int, solve: Callable[[Sequence[tuple[int, ...]]], SubsetEstimates]
+) -> AffinityResult:
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._start = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
+    def lap(stage: str) -> None:
+        nonlocal start
         now = time.perf_counter()
-        self.seconds[stage] = now - self._start
-        self._start = now
+        seconds[stage] = now - start
+        start = now
+
+    subsets = sample_subsets(n, size, count, seed)
+    lap("sample")
+    estimates = solve(subsets)
+    lap("solve")
+    singles = solve([(i,) for i in range(n)])
+    lap("singles")
+    affinity = task_affinity(estimates, singles.losses[:, 0], n)
+    lap("affinity")
+    return AffinityResult(affinity, estimates, singles, seconds)
 
 
 def gradient_cosine_affinity(tasks: Sequence[TaskFeatures]) -> np.ndarray:
