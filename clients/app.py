@@ -10,8 +10,10 @@ a group's ensemble members) instead of rebuilding anything.
 
 from __future__ import annotations
 
+import functools
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -22,7 +24,16 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
-from clients.protocol import Metrics, ensemble_from, number, run_config, sketch_to_record, statistics_to_record
+from clients.protocol import (
+    MODEL_SIZE_KEYS,
+    Metrics,
+    ensemble_from,
+    number,
+    run_config,
+    sketch_to_record,
+    statistics_to_record,
+)
+from elora_fed.accounting import TokenCounter, base_parameter_count
 from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import Batch, client_batches
 from elora_fed.classification import ClassificationSamples
@@ -42,7 +53,7 @@ from elora_fed.ensemble import (
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
-from elora_fed.sketch import sketch_batches
+from elora_fed.sketch import gradient_dim, sketch_batches
 from elora_fed.surrogate import client_statistics, task_features
 from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
 
@@ -66,13 +77,40 @@ def _clients(model: ModelConfig, data: DataConfig) -> list[ClientSamples] | list
     return load_clients(data, _tokenizer(model))
 
 
+_COUNTER = TokenCounter()  # counts every forward and backward pass of this process's model
+
+
 @lru_cache(maxsize=1)
 def _adapted_model(model: ModelConfig, adapter: AdapterConfig) -> tuple[torch.nn.Module, AdapterState]:
     """The base model with its seeded adapter, loaded once per process, and theta*."""
     from elora_fed.models import load_base_model
 
     peft_model = attach_lora(load_base_model(model), adapter)
+    _COUNTER.attach(peft_model)
     return peft_model, adapter_state(peft_model)
+
+
+def measured(handler: Callable[[RecordDict, Context], RecordDict]) -> Callable[[RecordDict, Context], RecordDict]:
+    """Add to a handler's reply, in its MetricRecord ``metrics``, what the handler cost.
+
+    ``compute-s`` (wall seconds inside the handler) and the ``elora_fed.accounting.Usage``
+    entries: token positions forward and backward, projected rows (set by the handler as
+    ``projected-rows``), and the process's peak RSS and CUDA memory.
+    """
+
+    @functools.wraps(handler)
+    def wrapper(content: RecordDict, context: Context) -> RecordDict:
+        start = time.perf_counter()
+        with _COUNTER.measure() as usage:
+            reply = handler(content, context)
+        metrics: Metrics = dict(reply.metric_records.get("metrics", MetricRecord()))
+        usage.projected_rows = int(number(MetricRecord(metrics), "projected-rows", 0))
+        metrics.update(usage.metrics())
+        metrics["compute-s"] = time.perf_counter() - start
+        reply["metrics"] = MetricRecord(metrics)
+        return reply
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -112,6 +150,7 @@ def stats(msg: Message, context: Context) -> Message:
     return Message(stats_content(msg.content, context), reply_to=msg)
 
 
+@measured
 def stats_content(content: RecordDict, context: Context) -> RecordDict:
     config = run_config(content)
     client = client_for(config, context)
@@ -123,7 +162,10 @@ def stats_content(content: RecordDict, context: Context) -> RecordDict:
     )
     options = content.config_records.get("options")
     if options is not None and bool(options.get("with-theta-star", False)):
-        reply["theta-star"] = ArrayRecord(_adapted_model(config.model, config.adapter)[1])
+        model, theta_star = _adapted_model(config.model, config.adapter)
+        reply["theta-star"] = ArrayRecord(theta_star)
+        sizes = (base_parameter_count(model), sum(t.numel() for t in theta_star.values()), gradient_dim(model))
+        reply["model-size"] = MetricRecord(dict(zip(MODEL_SIZE_KEYS, sizes, strict=True)))
     return reply
 
 
@@ -133,6 +175,7 @@ def sketch(msg: Message, context: Context) -> Message:
     return Message(sketch_content(msg.content, context), reply_to=msg)
 
 
+@measured
 def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     """This client's sketch: b and projected gradients of its train and validation samples.
 
@@ -141,7 +184,6 @@ def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     The model, adapter seed and projection seed come from the run config, which the server
     and every client share; only the seeds define theta* and P.
     """
-    start = time.perf_counter()
     node = node_for(content, context)
     load_adapter_state(node.model, node.theta_star)
     projector, metadata = sketch_setup(node.model, node.config)
@@ -152,7 +194,7 @@ def sketch_content(content: RecordDict, context: Context) -> RecordDict:
         reply = statistics_to_record(result.client_id, client_statistics(task_features(result)))
     else:
         reply = sketch_to_record(result)
-    reply["metrics"] = MetricRecord({"compute-s": time.perf_counter() - start})
+    reply["metrics"] = MetricRecord({"projected-rows": len(result.outputs)})
     return reply
 
 
@@ -162,6 +204,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(train_content(msg.content, context), reply_to=msg)
 
 
+@measured
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """``local-steps`` Adam steps on this client's train split.
 
@@ -169,7 +212,6 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     squares of the new adapter's change of h from theta* against the residuals of the
     group's current ensemble (carried in the request).
     """
-    start = time.perf_counter()
     node = node_for(content, context)
     options = content.config_records["config"]
     batches = node.batches("train", int(number(options, "batch-size")))
@@ -191,7 +233,6 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     metrics: Metrics = {
         "num-examples": sum(len(b) for b in batches),
         "train-loss": float(np.mean(losses)),
-        "compute-s": time.perf_counter() - start,
     }
     return RecordDict({"arrays": ArrayRecord(adapter_state(node.model)), "metrics": MetricRecord(metrics)})
 
@@ -214,6 +255,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(evaluate_content(msg.content, context), reply_to=msg)
 
 
+@measured
 def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     """Evaluate the groups in the request on ``split``, combined with ``weights``.
 
@@ -221,13 +263,15 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     sends the validation split for that), and returned. The reply also holds each group's
     own loss and accuracy, and with ``with-base`` those of theta* (no training).
     """
-    start = time.perf_counter()
     node = node_for(content, context)
     options = content.config_records["config"]
     groups = ensemble_from(content)
     if not groups:
         raise DataError("evaluate request without adapters")
     batches = node.batches(str(options["split"]))
+    finetune = int(number(options, "finetune-steps", 0))
+    if finetune > 0:
+        groups = {g: _finetuned(node, group, finetune) for g, group in groups.items()}
     outputs = [group_outputs(node.model, batches, g, node.theta_star, node.config.boost.eta) for g in groups.values()]
     if bool(options.get("fit-weights", False)):
         ens = node.config.ensemble
@@ -246,8 +290,18 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     if bool(options.get("with-base", False)):
         base = adapter_outputs(node.model, batches, node.theta_star)
         metrics.update({"base-loss": base.loss(), "base-accuracy": base.accuracy()})
-    metrics["compute-s"] = time.perf_counter() - start
     return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _finetuned(node: Node, group: GroupAdapters, steps: int) -> GroupAdapters:
+    """MTL-FT: the group adapter after ``steps`` local steps on this client's train split."""
+    if group.boosts:
+        raise DataError("local fine-tuning (finetune-steps) applies to a plain group adapter, not a boosted one")
+    tc = node.config.train
+    load_adapter_state(node.model, group.base)
+    seed = zlib.crc32(f"{node.config.seed}:finetune:{node.client.client_id}".encode())
+    train_adapter(node.model, node.batches("train", tc.batch_size), steps, tc.lr, seed, target_log_loss)
+    return GroupAdapters(adapter_state(node.model))
 
 
 @app.query("boost")
@@ -256,6 +310,7 @@ def boost(msg: Message, context: Context) -> Message:
     return Message(boost_content(msg.content, context), reply_to=msg)
 
 
+@measured
 def boost_content(content: RecordDict, context: Context) -> RecordDict:
     """r = 1 - p per train sample under the group's current ensemble, and (if asked) ridge statistics.
 
@@ -264,7 +319,6 @@ def boost_content(content: RecordDict, context: Context) -> RecordDict:
     features, so it asks for ``ridge-statistics``: G^T G and G^T r of this client's train
     samples, additive over clients like the affinity statistics.
     """
-    start = time.perf_counter()
     node = node_for(content, context)
     (group,) = ensemble_from(content).values()
     batches = node.batches("train")
@@ -277,7 +331,7 @@ def boost_content(content: RecordDict, context: Context) -> RecordDict:
         projector, _ = sketch_setup(node.model, node.config)
         features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features.numpy()
         arrays["gram"], arrays["moment"] = ridge_statistics(features, residuals)
-    metrics: Metrics = {"num-examples": len(residuals), "compute-s": time.perf_counter() - start}
+    metrics: Metrics = {"num-examples": len(residuals), "projected-rows": len(features) if "gram" in arrays else 0}
     records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
     return RecordDict({"boost": ArrayRecord(records), "metrics": MetricRecord(metrics)})
 

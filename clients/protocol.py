@@ -5,7 +5,10 @@ server is the one source of the configuration (defaults, preset, ``--run-config`
 resumed run's saved config alike), so every launcher configures clients the same way.
 
 - ``query.stats``: reply ``client`` (ConfigRecord: client id) and ``samples`` (MetricRecord:
-  samples per split); with ``with-theta-star`` set, also ``theta-star`` (the initial adapter).
+  samples per split); with ``with-theta-star`` set, also ``theta-star`` (the initial adapter)
+  and ``model-size`` (MetricRecord: base and adapter parameters, gradient length p).
+- Every reply's MetricRecord ``metrics`` holds what the handler cost (``compute-s``, token
+  positions forward and backward, projected rows, peak memory: ``elora_fed.accounting``).
 - ``query.sketch``: reply ``sketch`` (ArrayRecord: split codes, sample indices, base outputs,
   projected gradients, labels) and ``sketch_meta`` (ConfigRecord: client id, settings); in
   private mode ``statistics`` (ArrayRecord: ``train.count``, ``train.grad``, ...) instead of
@@ -55,6 +58,9 @@ def run_config(content: RecordDict) -> RunConfig:
         raise DataError(f"request without a readable run config: {type(e).__name__}: {e}") from e
     return RunConfig.from_flat(flat)
 
+
+MODEL_SIZE_KEYS = ("base-params", "adapter-params", "gradient-dim")
+"""The ``model-size`` MetricRecord of a ``query.stats`` reply with theta*: what FLOPs are counted from."""
 
 Metrics = dict[str, int | float | list[int] | list[float]]
 """What a MetricRecord holds."""

@@ -221,7 +221,9 @@ class TrainConfig:
     each runs ``local_steps`` Adam steps of ``batch_size`` samples at learning rate ``lr``,
     and the group's updates are aggregated by ``aggregation``: a Flower strategy class as a
     dotted path (``flwr.serverapp.strategy:FedAvg``, ``:FedProx``, ``:FedAdam``, or your own).
-    ``proximal_mu`` is FedProx's mu (sent to clients by FedProx only).
+    ``proximal_mu`` is FedProx's mu (sent to clients by FedProx only). ``finetune_steps > 0``
+    makes every client fine-tune its (single) group adapter locally for that many steps
+    before the test: the MTL-FT baseline (``strategies.baselines``).
     """
 
     rounds: int = 3
@@ -231,6 +233,7 @@ class TrainConfig:
     fraction: float = 1.0
     aggregation: str = "flwr.serverapp.strategy:FedAvg"
     proximal_mu: float = 0.01
+    finetune_steps: int = 0
 
     def validate(self) -> None:
         _check_range("train.rounds", self.rounds, low=0)
@@ -239,6 +242,7 @@ class TrainConfig:
         _check_range("train.batch_size", self.batch_size, low=1)
         _check_range("train.fraction", self.fraction, low=0.0, high=1.0, inclusive_low=False)
         _check_range("train.proximal_mu", self.proximal_mu, low=0.0)
+        _check_range("train.finetune_steps", self.finetune_steps, low=0)
         _check_dotted_path("train.aggregation", self.aggregation)
 
 

@@ -17,22 +17,36 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from clients.protocol import number, run_record
+from clients.protocol import MODEL_SIZE_KEYS, number, run_record
+from elora_fed.accounting import ModelSize
 from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState
 from elora_fed.errors import DataError
-from strategies.messaging import console, exchange
+from strategies.ledger import Ledger
+from strategies.messaging import Exchange, console, exchange
 
 
 @dataclass
 class Federation:
-    """The grid, the run config, and the client id <-> node id map."""
+    """The grid, the run config, the client id <-> node id map, and the ledger that exchanges are booked in.
+
+    ``phase`` names the pipeline phase that exchanges are currently booked under.
+    """
 
     grid: Grid
     config: RunConfig
     node_of: dict[str, int]
     samples: dict[str, dict[str, int]]
     theta_star: AdapterState
+    model_size: ModelSize
+    ledger: Ledger
+    phase: str = "nodes"
+
+    def exchange(self, messages: Iterable[Message], label: str) -> Exchange:
+        """Send and collect (``strategies.messaging.exchange``), booking the cost under the current phase."""
+        result = exchange(self.grid, messages, label, self.config.federation)
+        self.ledger.record(self.phase, result, self._client_by_node)
+        return result
 
     @property
     def client_ids(self) -> list[str]:
@@ -72,8 +86,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float) -> list[int]:
     return nodes
 
 
-def discover(grid: Grid, config: RunConfig, nodes: list[int]) -> Federation:
-    """Ask every node which client it holds; theta* comes from the first node."""
+def discover(grid: Grid, config: RunConfig, nodes: list[int], ledger: Ledger) -> Federation:
+    """Ask every node which client it holds; theta* and the model's sizes come from the first node."""
     run = ConfigRecord({"config": run_record(config)["config"]})
     messages = []
     for i, node in enumerate(nodes):
@@ -86,6 +100,7 @@ def discover(grid: Grid, config: RunConfig, nodes: list[int]) -> Federation:
     node_of: dict[str, int] = {}
     samples: dict[str, dict[str, int]] = {}
     theta_star: AdapterState | None = None
+    model_size: ModelSize | None = None
     for reply in result.replies:
         client = str(reply.content.config_records["client"]["client_id"])
         if client in node_of:
@@ -95,9 +110,14 @@ def discover(grid: Grid, config: RunConfig, nodes: list[int]) -> Federation:
         samples[client] = {k: int(number(counts, k)) for k in counts}
         if "theta-star" in reply.content.array_records:
             theta_star = reply.content.array_records["theta-star"].to_torch_state_dict()
-    if theta_star is None:
+            sizes = reply.content.metric_records["model-size"]
+            base, adapter, gradient = (int(number(sizes, k)) for k in MODEL_SIZE_KEYS)
+            model_size = ModelSize(base, adapter, gradient, config.sketch.dim)
+    if theta_star is None or model_size is None:
         raise DataError("the node asked for theta* did not answer: " + "; ".join(result.failures[:1]))
-    return Federation(grid, config, node_of, samples, theta_star)
+    fed = Federation(grid, config, node_of, samples, theta_star, model_size, ledger)
+    ledger.record("nodes", result, fed._client_by_node)
+    return fed
 
 
 class GroupGrid(Grid):

@@ -33,15 +33,34 @@ class Exchange:
     failures: list[str]
     sent: int
     seconds: float
+    bytes_sent: dict[int, int]  # by destination node
+    bytes_received: dict[int, int]  # by source node
 
     @property
     def compute_s(self) -> float:
         """Sum of the clients' own compute time (``compute-s``), where they report it."""
-        total = 0.0
+        return self.total("compute-s")
+
+    def values(self, key: str) -> list[float]:
+        """A numeric metric of every reply's ``metrics`` record that has it."""
+        found = []
         for reply in self.replies:
-            for record in reply.content.metric_records.values():
-                total += float(record.get("compute-s", 0.0))  # type: ignore[arg-type]
-        return total
+            record = reply.content.metric_records.get("metrics")
+            value = None if record is None else record.get(key)
+            if isinstance(value, int | float):
+                found.append(float(value))
+        return found
+
+    def total(self, key: str) -> float:
+        return sum(self.values(key))
+
+    def peak(self, key: str) -> float:
+        return max(self.values(key), default=0.0)
+
+
+def content_bytes(message: Message) -> int:
+    """The payload size of a message: the bytes of its records."""
+    return sum(record.count_bytes() for record in message.content.values())
 
 
 def exchange(
@@ -60,6 +79,10 @@ def exchange(
     timeout = federation.timeout_s
     queue = list(messages)
     sent = len(queue)
+    bytes_sent: dict[int, int] = {}
+    for message in queue:
+        node = message.metadata.dst_node_id
+        bytes_sent[node] = bytes_sent.get(node, 0) + content_bytes(message)
     window = federation.max_in_flight if federation.max_in_flight > 0 else sent
     pending = set(grid.push_messages(queue[:window]))
     queue = queue[window:]
@@ -95,7 +118,8 @@ def exchange(
     failures = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in received if r.has_error()]
     failures += [f"no reply within {timeout:.0f} s"] * (len(pending) + len(queue))
     seconds = time.perf_counter() - start
-    result = Exchange(label, ok, failures, sent, seconds)
+    bytes_received = {r.metadata.src_node_id: content_bytes(r) for r in ok}
+    result = Exchange(label, ok, failures, sent, seconds, bytes_sent, bytes_received)
     note = f", {len(failures)} failed" if failures else ""
     console.log(f"{label}: {len(ok)}/{sent} answered{note} in {seconds:.1f} s")
     for failure in failures[:3]:

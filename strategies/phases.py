@@ -36,7 +36,7 @@ from elora_fed.errors import ConfigError, DataError
 from elora_fed.projection import JLProjector
 from elora_fed.surrogate import ClientStatistics, task_features
 from strategies.federation import Federation, GroupGrid
-from strategies.messaging import Exchange, exchange
+from strategies.messaging import Exchange
 
 
 def load_class(path: str, key: str) -> type:
@@ -66,7 +66,7 @@ class SketchPhase:
     """Phase 2: every client's sketch of its train and validation samples (or, private mode, its statistics)."""
 
     def run(self, fed: Federation) -> tuple[list[ClientSketch] | list[tuple[str, ClientStatistics]], Exchange]:
-        result = exchange(fed.grid, fed.requests(fed.client_ids, "query.sketch", {}), "sketch", fed.config.federation)
+        result = fed.exchange(fed.requests(fed.client_ids, "query.sketch", {}), "sketch")
         if len(result.replies) < len(fed.client_ids):
             raise DataError(
                 f"{len(fed.client_ids) - len(result.replies)} clients sent no sketch: {result.failures[:2]}"
@@ -185,7 +185,7 @@ class GroupTraining:
                         for name, record in ensemble_records({g: ensemble[g]}).items():
                             message.content[name] = record
                     messages.append(message)
-            result = exchange(self.fed.grid, messages, f"{self.label} round {rnd}/{rounds}", self.fed.config.federation)
+            result = self.fed.exchange(messages, f"{self.label} round {rnd}/{rounds}")
             group_of = {self.fed.node_of[c]: g for g, members in groups.items() for c in members}
             losses: dict[str, float] = {}
             for g in groups:
@@ -212,17 +212,24 @@ class EnsembleEvaluation:
         groups_of: Mapping[str, Mapping[int, GroupAdapters]],
         weights: Mapping[str, Sequence[float]] | None = None,
         with_base: bool = False,
+        finetune_steps: int = 0,
     ) -> tuple[dict[str, dict[str, Any]], Exchange]:
         """Per client: ``loss``, ``accuracy``, ``num-examples``, ``weights`` on ``split``.
 
         ``groups_of[client]`` are the groups the client combines; without ``weights`` each
         client learns its own on this split. Also per client: ``group_loss`` and
         ``group_accuracy`` (each group's output alone) and, ``with_base``, ``base_loss`` and
-        ``base_accuracy`` (theta*).
+        ``base_accuracy`` (theta*). ``finetune_steps > 0`` (MTL-FT, one group): each client
+        first fine-tunes the group adapter locally for that many steps.
         """
         messages = []
         for client, groups in groups_of.items():
-            options: dict[str, Any] = {"split": split, "groups": [str(g) for g in groups], "with-base": with_base}
+            options: dict[str, Any] = {
+                "split": split,
+                "groups": [str(g) for g in groups],
+                "with-base": with_base,
+                "finetune-steps": finetune_steps,
+            }
             if weights is None:
                 options["fit-weights"] = True
             else:
@@ -230,7 +237,7 @@ class EnsembleEvaluation:
             records: dict[str, ArrayRecord | ConfigRecord] = {"config": ConfigRecord(options)}
             records.update(ensemble_records(groups))
             messages.extend(self.fed.requests([client], "evaluate", records))
-        result = exchange(self.fed.grid, messages, label, self.fed.config.federation)
+        result = self.fed.exchange(messages, label)
         per_client = {}
         for reply in result.replies:
             metrics = reply.content.metric_records["metrics"]
@@ -265,7 +272,7 @@ def first_order_boost(
     have = all(c in sketches for c in members)
     records: dict[str, ArrayRecord | ConfigRecord] = {"options": ConfigRecord({"ridge-statistics": not have})}
     records.update(ensemble_records({0: group}))
-    result = exchange(fed.grid, fed.requests(sorted(members), "query.boost", records), "boost", fed.config.federation)
+    result = fed.exchange(fed.requests(sorted(members), "query.boost", records), "boost")
     if not result.replies:
         raise DataError(f"no client of the group answered the boosting query: {result.failures[:2]}")
     d = config.sketch.dim

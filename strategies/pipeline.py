@@ -33,6 +33,7 @@ from elora_fed.plots import affinity_heatmap
 from elora_fed.run_dir import create_run_dir, write_json
 from elora_fed.surrogate import ClientStatistics, load_statistics, save_statistics
 from strategies.federation import Federation, discover, wait_for_nodes
+from strategies.ledger import Ledger
 from strategies.messaging import Exchange, console
 from strategies.phases import (
     EnsembleEvaluation,
@@ -101,11 +102,16 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
     config = run.config
     console.log(f"run directory {run.dir}")
     expected = config.federation.num_nodes or _count_clients(config)
-    fed = discover(grid, config, wait_for_nodes(grid, expected, config.federation.wait_s))
+    ledger = Ledger(run.info.setdefault("ledger", {}))
+    fed = discover(grid, config, wait_for_nodes(grid, expected, config.federation.wait_s), ledger)
     write_json(run.dir / "clients.json", [{"client_id": c, **fed.samples[c]} for c in fed.client_ids])
 
-    if not run.done("sketch"):
+    needs_affinity = bool(
+        getattr(load_class(config.strategies.clustering, "strategies.clustering"), "needs_affinity", True)
+    )
+    if needs_affinity and not run.done("sketch"):
         started = time.perf_counter()
+        fed.phase = "sketch"
         collected, result = SketchPhase().run(fed)
         for item in collected:
             if isinstance(item, ClientSketch):
@@ -117,7 +123,8 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
         run.complete("sketch", started)
     if not run.done("groups"):
         started = time.perf_counter()
-        _group(run, fed)
+        fed.phase = "groups"
+        _group(run, fed, needs_affinity)
         run.complete("groups", started)
     groups = _groups(run.info["labels"], run.info["client_ids"])
     if sorted(run.info["client_ids"]) != fed.client_ids:
@@ -125,27 +132,36 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
 
     if not run.done("train"):
         started = time.perf_counter()
+        fed.phase = "train"
         _train(run, fed, groups)
         run.complete("train", started)
     ensemble = _ensemble(run.snapshot, groups)
     if not run.done("boost"):
         started = time.perf_counter()
+        fed.phase = "boost"
         ensemble = _boost(run, fed, groups, ensemble)
         run.complete("boost", started)
     if not run.done("weights"):
         started = time.perf_counter()
-        per_client, result = EnsembleEvaluation(fed).run(
-            "ensemble weights", "validation", {c: ensemble for c in fed.client_ids}
-        )
-        run.info["weights"] = {c: per_client[c]["weights"] for c in per_client}
-        run.info["validation"] = per_client
+        fed.phase = "weights"
+        if len(ensemble) == 1:  # one group: nothing to weigh
+            run.info["weights"] = {c: [1.0] for c in fed.client_ids}
+        else:
+            per_client, result = EnsembleEvaluation(fed).run(
+                "ensemble weights", "validation", {c: ensemble for c in fed.client_ids}
+            )
+            run.info["weights"] = {c: per_client[c]["weights"] for c in per_client}
+            run.log({"phase": "weights", "validation_loss": _mean(per_client, "loss"), **exchange_metrics(result)})
         write_json(run.dir / "ensemble_weights.json", {"groups": sorted(groups), "weights": run.info["weights"]})
-        run.log({"phase": "weights", "validation_loss": _mean(per_client, "loss"), **exchange_metrics(result)})
         run.complete("weights", started)
     started = time.perf_counter()
+    fed.phase = "test"
     report = _final_report(run, fed, groups, ensemble)
     run.info["seconds"]["test"] = time.perf_counter() - started
     report["seconds"] = run.info["seconds"]
+    accounting = ledger.summary(fed.model_size, run.info["seconds"])
+    write_json(run.dir / "accounting.json", accounting)
+    report["cost"] = {k: v for k, v in accounting["total"].items()}
     write_json(run.dir / "report.json", report)
     (run.dir / "report.md").write_text(_markdown(report))
     run.info["done"].append("test")
@@ -161,27 +177,31 @@ def _count_clients(config: RunConfig) -> int:
     return len(load_clients(config.data, load_tokenizer(config.model)))
 
 
-def _group(run: PipelineRun, fed: Federation) -> None:
+def _group(run: PipelineRun, fed: Federation, needs_affinity: bool) -> None:
     config = run.config
-    collected: list[ClientSketch] | list[ClientStatistics]
-    if (run.dir / "statistics.npz").exists():
-        ids, collected = load_statistics(run.dir / "statistics.npz")
-    else:
-        collected = load_sketches(run.dir / "sketches")
-        ids = [s.client_id for s in collected]
-    estimator = load_class(config.strategies.affinity, "strategies.affinity")(config)
-    affinity = np.asarray(estimator.estimate(collected), dtype=np.float64)
-    if affinity.shape != (len(ids), len(ids)) or not np.isfinite(affinity).all():
-        raise DataError(
-            f"{config.strategies.affinity} returned an affinity of shape {affinity.shape} for {len(ids)} clients"
-        )
+    affinity: np.ndarray | None = None
+    ids = fed.client_ids
+    if needs_affinity:
+        collected: list[ClientSketch] | list[ClientStatistics]
+        if (run.dir / "statistics.npz").exists():
+            ids, collected = load_statistics(run.dir / "statistics.npz")
+        else:
+            collected = load_sketches(run.dir / "sketches")
+            ids = [s.client_id for s in collected]
+        estimator = load_class(config.strategies.affinity, "strategies.affinity")(config)
+        affinity = np.asarray(estimator.estimate(collected), dtype=np.float64)
+        if affinity.shape != (len(ids), len(ids)) or not np.isfinite(affinity).all():
+            raise DataError(
+                f"{config.strategies.affinity} returned an affinity of shape {affinity.shape} for {len(ids)} clients"
+            )
     clustering = load_class(config.strategies.clustering, "strategies.clustering")(config)
     labels = np.asarray(clustering.group(affinity, ids))
     if labels.shape != (len(ids),):
         raise DataError(f"{config.strategies.clustering} returned {labels.shape} labels for {len(ids)} clients")
     labels = canonical_labels(labels)
-    np.save(run.dir / "affinity.npy", affinity)
-    affinity_heatmap(affinity, labels, ids, run.dir / "affinity.png")
+    if affinity is not None:
+        np.save(run.dir / "affinity.npy", affinity)
+        affinity_heatmap(affinity, labels, ids, run.dir / "affinity.png")
     groups = _groups(labels.tolist(), ids)
     write_json(
         run.dir / "groups.json",
@@ -312,7 +332,14 @@ def _final_report(
     """
     weights = run.info["weights"]
     clients = sorted(weights)
-    test, result = EnsembleEvaluation(fed).run("test", "test", {c: ensemble for c in clients}, weights, with_base=True)
+    finetune = run.config.train.finetune_steps
+    if finetune and len(ensemble) > 1:
+        raise ConfigError(
+            "train.finetune_steps (MTL-FT) needs a single group: strategies.clustering = 'strategies.baselines:OneGroup'"
+        )
+    test, result = EnsembleEvaluation(fed).run(
+        "test", "test", {c: ensemble for c in clients}, weights, with_base=True, finetune_steps=finetune
+    )
     group_of = {c: g for g, members in groups.items() for c in members}
     position = {g: i for i, g in enumerate(ensemble)}
     own = {

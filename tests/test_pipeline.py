@@ -201,3 +201,24 @@ def test_bad_strategy_path_fails_before_the_simulation_starts(tmp_path):
     )
     assert bad.returncode == 2 and "train.aggregation" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_mtl_ft_baseline_skips_sketching_and_books_its_costs(tmp_path):
+    settings = {
+        **TINY,
+        "strategies.clustering": "strategies.baselines:OneGroup",
+        "boost.steps": 0,
+        "train.finetune_steps": 3,
+    }
+    run(cli("run", settings=settings), tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    assert not (run_dir / "sketches").exists() and not (run_dir / "affinity.npy").exists()
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["num_groups"] == 1
+    accounting = json.loads((run_dir / "accounting.json").read_text())
+    phases = accounting["phases"]
+    assert "sketch" not in phases and phases["train"]["flops"]["backward"] > 0
+    # MTL-FT fine-tunes at test time: the test phase has backward passes too.
+    assert 0 < phases["test"]["tokens"]["backward"] <= 6 * 3 * 8 * 16  # clients x steps x batch x positions
+    assert accounting["total"]["bytes_sent"] > 0 and accounting["total"]["peak_client_rss_bytes"] > 0
+    assert set(accounting["bytes_per_client"]) == {c["client_id"] for c in report["clients"]}

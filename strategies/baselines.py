@@ -1,0 +1,64 @@
+"""The baselines EnsembleLoRA is judged against, as groupings for the same pipeline (METHOD.md section 6).
+
+Each is a clustering class for ``strategies.clustering``; the rest of the pipeline (the same
+clients, splits, training budget and evaluation) is unchanged, so results compare like
+with like. Groupings that do not look at the affinity set ``needs_affinity = False`` and the
+pipeline skips the sketch and affinity phases for them, so their cost is not counted.
+
+- ``OneGroup``: one (Q)LoRA adapter trained by FedAvg on all clients. With
+  ``train.finetune_steps > 0`` each client then fine-tunes it locally before the test:
+  MTL-FT.
+- ``OneGroupPerClient``: one adapter per client, trained on its own data only.
+- ``RandomGroups``: ``clustering.num_groups`` random groups of near-equal size (seeded).
+- Grouping by gradient cosine similarity is ``affinity.mode = "gradient-cosine"`` with the
+  default clustering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from elora_fed.config import RunConfig
+from elora_fed.errors import ConfigError
+
+
+class OneGroup:
+    """Every client in one group: the single shared adapter."""
+
+    needs_affinity = False
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    def group(self, affinity: np.ndarray | None, client_ids: Sequence[str]) -> np.ndarray:
+        return np.zeros(len(client_ids), dtype=int)
+
+
+class OneGroupPerClient:
+    """Each client alone: local training only (FedAvg over one client is its local update)."""
+
+    needs_affinity = False
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+
+    def group(self, affinity: np.ndarray | None, client_ids: Sequence[str]) -> np.ndarray:
+        return np.arange(len(client_ids))
+
+
+class RandomGroups:
+    """``clustering.num_groups`` groups drawn at random (seeded by ``seed``), sizes differing by at most one."""
+
+    needs_affinity = False
+
+    def __init__(self, config: RunConfig) -> None:
+        if config.clustering.num_groups < 1:
+            raise ConfigError("RandomGroups needs clustering.num_groups > 0 (the m to compare with)")
+        self.m = config.clustering.num_groups
+        self.seed = config.seed
+
+    def group(self, affinity: np.ndarray | None, client_ids: Sequence[str]) -> np.ndarray:
+        labels = np.arange(len(client_ids)) % min(self.m, len(client_ids))
+        return np.random.default_rng(self.seed).permutation(labels)
