@@ -10,12 +10,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from tests.test_pipeline import REPO, TINY, _env, cli, only_run_dir, run
 
 SHORT = {**TINY, "data.num_clients": 2, "clustering.num_groups": 2, "train.rounds": 1, "boost.steps": 1}
+
+
+BIN = Path(sys.executable).parent  # the venv's scripts, whether or not it is activated
 
 
 def free_port() -> int:
@@ -66,14 +70,28 @@ def test_pipeline_runs_through_a_superlink_and_two_supernodes(tmp_path):
     settings = {**SHORT, "run_dir": str(run_dir)}
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in settings.items())
     with processes(tmp_path) as start:
-        superlink = ["flower-superlink", "--insecure", "--database", str(tmp_path / "state.db"), "--port", str(port)]
+        superlink = [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--database",
+            str(tmp_path / "state.db"),
+            "--port",
+            str(port),
+        ]
         start("superlink", [*superlink, "--disable-runtime-dependency-installation"], env)
         wait_for_port(port)
         for i in range(2):
-            node = ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port", str(free_port())]
+            node = [
+                str(BIN / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--port",
+                str(free_port()),
+            ]
             start(f"supernode-{i}", [*node, "--node-config", f"partition-id={i} num-partitions=2"], env)
         result = subprocess.run(
-            ["flwr", "run", str(REPO), "loopback", "--stream", "--run-config", overrides],
+            [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", overrides],
             env=env,
             capture_output=True,
             text=True,
@@ -95,7 +113,7 @@ def test_simulation_attaches_to_a_ray_head_on_loopback(tmp_path):
     ray_tmp = Path("/tmp") / f"ray-elora-{port}"  # Ray's socket paths must stay short
     env = _env()
     with processes(tmp_path) as start:
-        head = ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
+        head = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
         start("ray-head", [*head, "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={ray_tmp}"], env)
         wait_for_port(port)
         result = run(cli("run", "--ray-address", f"127.0.0.1:{port}", settings=SHORT), tmp_path)

@@ -51,7 +51,13 @@ def run(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.Completed
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    """The environment for the processes a test starts: this interpreter's scripts first on PATH.
+
+    ``make test`` runs ``.venv/bin/pytest`` without activating the venv, and the SuperLink
+    starts ``flwr-serverapp`` (and Ray its workers) by name.
+    """
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
 
 
 def only_run_dir(cwd: Path) -> Path:
