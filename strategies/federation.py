@@ -8,6 +8,7 @@ the data nor the model. Every request carries the run config (``clients.protocol
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -65,8 +66,8 @@ class Federation:
     def client_of(self, reply: Message) -> str:
         return self._client_by_node[reply.metadata.src_node_id]
 
-    @property
-    def _client_by_node(self) -> dict[int, str]:
+    @functools.cached_property
+    def _client_by_node(self) -> dict[int, str]:  # node_of is fixed once the federation is discovered
         return {node: client for client, node in self.node_of.items()}
 
 

@@ -11,6 +11,7 @@ the uninterrupted result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from elora_fed.adapters import save_peft_adapter
 from elora_fed.checkpoint import Checkpoint, Snapshot
 from elora_fed.client_sketch import ClientSketch, load_sketches
 from elora_fed.clustering import canonical_labels
-from elora_fed.config import RunConfig
+from elora_fed.config import DataConfig, ModelConfig, RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.plots import affinity_heatmap
@@ -101,7 +102,7 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
     run = PipelineRun(config)
     config = run.config
     console.log(f"run directory {run.dir}")
-    expected = config.federation.num_nodes or _count_clients(config)
+    expected = config.federation.num_nodes or count_clients(config.data, config.model)
     ledger = Ledger(run.info.setdefault("ledger", {}))
     fed = discover(grid, config, wait_for_nodes(grid, expected, config.federation.wait_s), ledger)
     write_json(run.dir / "clients.json", [{"client_id": c, **fed.samples[c]} for c in fed.client_ids])
@@ -161,7 +162,7 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
     report["seconds"] = run.info["seconds"]
     accounting = ledger.summary(fed.model_size, run.info["seconds"])
     write_json(run.dir / "accounting.json", accounting)
-    report["cost"] = {k: v for k, v in accounting["total"].items()}
+    report["cost"] = dict(accounting["total"])
     write_json(run.dir / "report.json", report)
     (run.dir / "report.md").write_text(_markdown(report))
     run.info["done"].append("test")
@@ -170,11 +171,13 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
     return run.dir
 
 
-def _count_clients(config: RunConfig) -> int:
+@functools.lru_cache(maxsize=4)
+def count_clients(data: DataConfig, model: ModelConfig) -> int:
+    """How many clients the data config selects (loaded once per process: the CLI and the server share it)."""
     from elora_fed.federated_data import load_clients
     from elora_fed.models import load_tokenizer
 
-    return len(load_clients(config.data, load_tokenizer(config.model)))
+    return len(load_clients(data, load_tokenizer(model)))
 
 
 def _group(run: PipelineRun, fed: Federation, needs_affinity: bool) -> None:

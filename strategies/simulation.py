@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError, EloraFedError
 from strategies.phases import load_class
-from strategies.pipeline import run_pipeline
+from strategies.pipeline import count_clients, run_pipeline
 
 
 def resume_config(run_dir: Path) -> RunConfig:
@@ -35,12 +35,11 @@ def simulate(config: RunConfig) -> Path:
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
-    from strategies.pipeline import _count_clients
 
     for key in ("strategies.affinity", "strategies.clustering", "train.aggregation"):
         load_class(config.to_flat()[key], key)  # fail before Ray starts, not in the middle of a run
     fed = config.federation
-    num_nodes = fed.num_nodes or _count_clients(config)
+    num_nodes = fed.num_nodes or count_clients(config.data, config.model)
     backend: dict[str, Any] = {"client_resources": {"num_cpus": fed.cpus_per_client, "num_gpus": fed.gpus_per_client}}
     if fed.ray_address:
         backend["init_args"] = {"address": fed.ray_address}
