@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from transformers import PreTrainedTokenizerBase
 
+from clients.faults import simulated_dropout
 from clients.protocol import (
     MODEL_SIZE_KEYS,
     Metrics,
@@ -33,11 +34,17 @@ from clients.protocol import (
     sketch_to_record,
     statistics_to_record,
 )
+from clients.secure import (
+    StatisticsCache,
+    secure_statistics_content,
+    secure_statistics_mod,
+    surrogate_losses_content,
+)
 from elora_fed.accounting import TokenCounter, base_parameter_count
 from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import Batch, client_batches
 from elora_fed.classification import ClassificationSamples
-from elora_fed.client_sketch import sketch_client, sketch_setup
+from elora_fed.client_sketch import ClientSketch, sketch_client, sketch_setup
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
 from elora_fed.ensemble import (
     AdapterState,
@@ -53,14 +60,15 @@ from elora_fed.ensemble import (
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
+from elora_fed.privacy import released_sketch, released_statistics
 from elora_fed.sketch import gradient_dim, sketch_batches
-from elora_fed.surrogate import client_statistics, task_features
+from elora_fed.surrogate import ClientStatistics
 from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
 
 transformers.utils.logging.disable_progress_bar()  # one bar per worker process and message is noise
 transformers.utils.logging.set_verbosity_error()
 
-app = ClientApp()
+app = ClientApp(mods=[simulated_dropout])
 
 Samples = ClientSamples | ClassificationSamples
 
@@ -182,23 +190,64 @@ def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     In private mode (``affinity.mode = "private"``) only its additive statistics leave the
     client instead (``elora_fed.surrogate.ClientStatistics``), never per-sample features.
     The model, adapter seed and projection seed come from the run config, which the server
-    and every client share; only the seeds define theta* and P.
+    and every client share; only the seeds define theta* and P. With ``privacy`` on, both
+    are clipped and noised here, before anything is sent (``elora_fed.privacy``).
     """
     node = node_for(content, context)
-    load_adapter_state(node.model, node.theta_star)
-    projector, metadata = sketch_setup(node.model, node.config)
-    sk = node.config.sketch
-    pad = _tokenizer(node.config.model).pad_token_id
-    result = sketch_client(node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad)
+    if node.config.affinity.mode == "secure":  # the statistics stay here, for the SecAgg+ rounds (``clients.secure``)
+        client_id, _, rows = _statistics(content, context)
+        return RecordDict(
+            {"sketch_meta": ConfigRecord({"client_id": client_id}), "metrics": MetricRecord({"projected-rows": rows})}
+        )
+    result = _sketch(node)
     if node.config.affinity.mode == "private":
-        reply = statistics_to_record(result.client_id, client_statistics(task_features(result)))
+        reply = statistics_to_record(result.client_id, released_statistics(result, node.config))
     else:
-        reply = sketch_to_record(result)
+        reply = sketch_to_record(released_sketch(result, node.config))
     reply["metrics"] = MetricRecord({"projected-rows": len(result.outputs)})
     return reply
 
 
-@app.train()
+def _sketch(node: Node) -> ClientSketch:
+    load_adapter_state(node.model, node.theta_star)
+    projector, metadata = sketch_setup(node.model, node.config)
+    sk = node.config.sketch
+    pad = _tokenizer(node.config.model).pad_token_id
+    return sketch_client(node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad)
+
+
+_STATISTICS = StatisticsCache()
+
+
+def _statistics(content: RecordDict, context: Context) -> tuple[str, ClientStatistics, int]:
+    """Secure mode: this client's released statistics, computed once per run (``clients.secure``)."""
+    node = node_for(content, context)
+
+    def compute() -> tuple[ClientStatistics, int]:
+        result = _sketch(node)
+        return released_statistics(result, node.config), len(result.outputs)
+
+    stats, rows = _STATISTICS.get(node.config, node.client.client_id, context, compute)
+    return node.client.client_id, stats, rows
+
+
+@measured
+def _secure_statistics(content: RecordDict, context: Context) -> RecordDict:
+    return secure_statistics_content(content, context, _statistics)
+
+
+@app.query("surrogate_losses")
+def surrogate_losses(msg: Message, context: Context) -> Message:
+    """Secure mode: this client's surrogate validation losses at the server's w_S (``clients.secure``)."""
+    return Message(_surrogate_losses(msg.content, context), reply_to=msg)
+
+
+@measured
+def _surrogate_losses(content: RecordDict, context: Context) -> RecordDict:
+    return surrogate_losses_content(content, context, _statistics)
+
+
+@app.train(mods=[secure_statistics_mod(_secure_statistics)])  # SecAgg+ rounds (secure mode) go to the mod
 def train(msg: Message, context: Context) -> Message:
     """Local training from the received adapter; reply with the update and its sample count."""
     return Message(train_content(msg.content, context), reply_to=msg)

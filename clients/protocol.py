@@ -12,7 +12,12 @@ resumed run's saved config alike), so every launcher configures clients the same
 - ``query.sketch``: reply ``sketch`` (ArrayRecord: split codes, sample indices, base outputs,
   projected gradients, labels) and ``sketch_meta`` (ConfigRecord: client id, settings); in
   private mode ``statistics`` (ArrayRecord: ``train.count``, ``train.grad``, ...) instead of
-  ``sketch``.
+  ``sketch``; in secure mode only ``sketch_meta`` (the statistics stay on the client).
+- Secure mode (``clients.secure``): SecAgg+ rounds are ``train`` messages with Flower's
+  ``secaggplus_configs`` record (and, in the masked stage, a legacy FitIns whose config
+  holds the run config as ``config``); ``query.surrogate_losses``: ``surrogate`` (``w``,
+  the w_S of the client's subsets) and ``options`` (``single``); reply ``surrogate``
+  (``losses``, and ``single``).
 - ``train``: ``arrays`` (the adapter to start from) and ``config`` (local steps, lr, batch
   size, seed, objective ``fit`` or ``boost``; Flower strategies add ``server-round`` and,
   FedProx, ``proximal-mu``); a ``boost`` request also carries the group's ensemble.
@@ -56,6 +61,8 @@ def run_config(content: RecordDict) -> RunConfig:
         flat = json.loads(str(content.config_records["run"]["config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"request without a readable run config: {type(e).__name__}: {e}") from e
+    if not isinstance(flat, dict):
+        raise DataError(f"request with a run config that is not a table of keys: {flat!r:.80}")
     return RunConfig.from_flat(flat)
 
 

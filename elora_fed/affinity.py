@@ -20,11 +20,13 @@ import torch
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.surrogate import (
     ClientStatistics,
+    PooledStatistics,
     SubsetEstimates,
+    SubsetSums,
     TaskFeatures,
     client_statistics,
+    solve_subset_sums,
     solve_subsets,
-    solve_subsets_private,
 )
 
 
@@ -131,11 +133,35 @@ def affinity_from_statistics(
     stats: Sequence[ClientStatistics], size: int, count: int, lam: float, seed: int
 ) -> AffinityResult:
     """The private mode from the clients' additive statistics alone (what a server in that mode receives)."""
-    return _affinity(len(stats), size, count, seed, lambda subsets: solve_subsets_private(stats, subsets, lam))
+    return affinity_from_subset_sums(PooledStatistics(stats), size, count, lam, seed)
+
+
+def affinity_from_subset_sums(sums: SubsetSums, size: int, count: int, lam: float, seed: int) -> AffinityResult:
+    """The private and secure modes: the affinity from every sampled subset's summed statistics.
+
+    ``sums`` supplies each subset's summed train statistics and its members' validation
+    losses: pooled on the server from per-client statistics (private mode,
+    ``PooledStatistics``) or one secure aggregation per subset with the losses evaluated
+    by each client (secure mode, ``strategies.secure_statistics``). Both are solved by
+    ``solve_subset_sums``; the singletons come from ``sums.singles``.
+    """
+    return _affinity(
+        sums.num_clients,
+        size,
+        count,
+        seed,
+        lambda subsets: solve_subset_sums(sums, subsets, lam),
+        singles=lambda: sums.singles(lam),
+    )
 
 
 def _affinity(
-    n: int, size: int, count: int, seed: int, solve: Callable[[Sequence[tuple[int, ...]]], SubsetEstimates]
+    n: int,
+    size: int,
+    count: int,
+    seed: int,
+    solve: Callable[[Sequence[tuple[int, ...]]], SubsetEstimates],
+    singles: Callable[[], SubsetEstimates] | None = None,
 ) -> AffinityResult:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -150,11 +176,11 @@ def _affinity(
     lap("sample")
     estimates = solve(subsets)
     lap("solve")
-    singles = solve([(i,) for i in range(n)])
+    alone = singles() if singles is not None else solve([(i,) for i in range(n)])
     lap("singles")
-    affinity = task_affinity(estimates, singles.losses[:, 0], n)
+    affinity = task_affinity(estimates, alone.losses[:, 0], n)
     lap("affinity")
-    return AffinityResult(affinity, estimates, singles, seconds)
+    return AffinityResult(affinity, estimates, alone, seconds)
 
 
 def gradient_cosine_affinity(tasks: Sequence[TaskFeatures]) -> np.ndarray:

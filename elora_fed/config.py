@@ -141,7 +141,8 @@ class AffinityConfig:
     """Task affinity from the sketches (``elora_fed.affinity``).
 
     ``mode`` is ``exact`` (surrogate fine-tuning on the clients' features), ``private``
-    (only additive per-client statistics, ready for secure aggregation) or
+    (only additive per-client statistics), ``secure`` (the private mode through secure
+    aggregation: the server sees only sums over subsets, ``secagg``) or
     ``gradient-cosine`` (the baseline). ``lam`` is the surrogate's L2 strength, calibrated
     against real fine-tuning (``experiments/estimation_error.py`` reports its choice).
     ``num_subsets`` random subsets of ``subset_size`` clients are solved, plus greedy ones
@@ -155,7 +156,7 @@ class AffinityConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _check_choice("affinity.mode", self.mode, ("exact", "private", "gradient-cosine"))
+        _check_choice("affinity.mode", self.mode, ("exact", "private", "secure", "gradient-cosine"))
         _check_range("affinity.lam", self.lam, low=0.0, inclusive_low=False)
         _check_range("affinity.subset_size", self.subset_size, low=2)
         _check_range("affinity.num_subsets", self.num_subsets, low=0)
@@ -194,6 +195,16 @@ class FederationConfig:
     core scanning them. ``ray_address`` attaches ``elora-fed run`` to a running Ray
     cluster (``auto`` or ``host:port``); empty starts a local one. ``cpus_per_client`` and
     ``gpus_per_client`` size each simulated client's Ray actor.
+
+    Faults: an exchange that fewer than ``min_fraction`` of its clients answer stops the run
+    (a ``DataError``; the checkpoint keeps every finished step), otherwise the phase goes on
+    without the missing clients (``strategies.pipeline`` documents what each phase does
+    with them). Evaluation exchanges are re-sent ``retries`` times to the clients that
+    failed. ``drop_rate`` makes every client fail each request with that probability
+    (seeded by run seed, exchange and client): simulated dropout for fault studies. Updates
+    are screened before aggregation (``strategies.validation``): an update whose change of
+    the adapter has an L2 norm above ``max_update_norm``, or a reply above
+    ``max_payload_mb``, is rejected and counted.
     """
 
     num_nodes: int = 0
@@ -203,6 +214,11 @@ class FederationConfig:
     ray_address: str = ""
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
+    min_fraction: float = 0.5
+    retries: int = 1
+    drop_rate: float = 0.0
+    max_update_norm: float = 100.0
+    max_payload_mb: float = 256.0
 
     def validate(self) -> None:
         _check_range("federation.num_nodes", self.num_nodes, low=0)
@@ -211,6 +227,11 @@ class FederationConfig:
         _check_range("federation.max_in_flight", self.max_in_flight, low=0)
         _check_range("federation.cpus_per_client", self.cpus_per_client, low=0.0, inclusive_low=False)
         _check_range("federation.gpus_per_client", self.gpus_per_client, low=0.0)
+        _check_range("federation.min_fraction", self.min_fraction, low=0.0, high=1.0)
+        _check_range("federation.retries", self.retries, low=0)
+        _check_range("federation.drop_rate", self.drop_rate, low=0.0, high=1.0, inclusive_high=False)
+        _check_range("federation.max_update_norm", self.max_update_norm, low=0.0, inclusive_low=False)
+        _check_range("federation.max_payload_mb", self.max_payload_mb, low=0.0, inclusive_low=False)
 
 
 @dataclass(frozen=True)
@@ -303,6 +324,81 @@ class StrategiesConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Optional differential privacy of the sketch phase (``elora_fed.privacy``).
+
+    ``noise_multiplier`` z > 0 makes every client clip its projected gradient rows to L2
+    norm ``clip_norm`` C (and, in exact mode, its base outputs to [-``output_bound``,
+    ``output_bound``]) and add Gaussian noise scaled by z to what it sends: its sketch
+    (exact mode) or its gradient and curvature sums (private mode). 0 turns it off. The run
+    reports the resulting (epsilon, ``delta``) per sample. The noise comes from the OS's
+    entropy, so a server that knows the run seed cannot regenerate it; ``reproducible``
+    seeds it by (run seed, client id) instead, for repeatable experiments only.
+    """
+
+    noise_multiplier: float = 0.0
+    clip_norm: float = 1.0
+    output_bound: float = 10.0
+    delta: float = 1e-5
+    reproducible: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+    def validate(self) -> None:
+        _check_range("privacy.noise_multiplier", self.noise_multiplier, low=0.0)
+        _check_range("privacy.clip_norm", self.clip_norm, low=0.0, inclusive_low=False)
+        _check_range("privacy.output_bound", self.output_bound, low=0.0, inclusive_low=False)
+        _check_range("privacy.delta", self.delta, low=0.0, high=1.0, inclusive_low=False, inclusive_high=False)
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation of the private-mode statistics (``affinity.mode = "secure"``).
+
+    Every sampled subset's summed train statistics come from one round of Flower's SecAgg+
+    among the subset's clients (``strategies.secure_statistics``), so the server sees sums,
+    never one client's statistics. Each client quantizes its statistics to integers: values
+    in [-``clipping_range``, ``clipping_range``] map to 0 .. ``quantization_range`` with
+    stochastic rounding, so a sum over k clients is off by less than
+    k * 2 clipping_range / quantization_range per entry; a client whose statistics exceed
+    ``clipping_range`` refuses with an error naming this key instead of being clipped. The
+    trade-off: a larger range admits larger clients (the sample count is one of the summed
+    values) at a coarser step. Masked sums live modulo ``modulus_range`` (a power of two
+    up to 2^32), which must exceed subset_size * quantization_range. Each client's secrets
+    are split into shares for ``num_shares`` of the subset's clients (a fraction), of which
+    ``reconstruction_threshold`` (a fraction) are needed to remove its masks.
+    """
+
+    clipping_range: float = 4096.0
+    quantization_range: int = 2**26
+    modulus_range: int = 2**32
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.5
+
+    def validate(self) -> None:
+        _check_range("secagg.clipping_range", self.clipping_range, low=0.0, inclusive_low=False)
+        _check_range("secagg.quantization_range", self.quantization_range, low=2, high=2**31 - 1)
+        _check_range("secagg.modulus_range", self.modulus_range, low=4, high=2**32)
+        if self.modulus_range & (self.modulus_range - 1):
+            raise ConfigError(f"config key 'secagg.modulus_range' = {self.modulus_range} is not a power of two")
+        _check_range("secagg.num_shares", self.num_shares, low=0.0, high=1.0, inclusive_low=False)
+        _check_range(
+            "secagg.reconstruction_threshold", self.reconstruction_threshold, low=0.0, high=1.0, inclusive_low=False
+        )
+
+    def check_subset_size(self, size: int) -> None:
+        """ConfigError unless sums over ``size`` clients fit below the modulus."""
+        if size * self.quantization_range >= self.modulus_range:
+            raise ConfigError(
+                f"secure aggregation over subsets of {size} clients needs secagg.modulus_range = {self.modulus_range} "
+                f"> subset size x secagg.quantization_range = {size * self.quantization_range}: lower "
+                "secagg.quantization_range or affinity.subset_size"
+            )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole configuration of one run.
 
@@ -324,6 +420,8 @@ class RunConfig:
     boost: BoostConfig = field(default_factory=BoostConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     strategies: StrategiesConfig = field(default_factory=StrategiesConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def validate(self) -> None:
         self.model.validate()
@@ -337,6 +435,10 @@ class RunConfig:
         self.boost.validate()
         self.ensemble.validate()
         self.strategies.validate()
+        self.privacy.validate()
+        self.secagg.validate()
+        if self.affinity.mode == "secure":
+            self.secagg.check_subset_size(self.affinity.subset_size)
 
     def to_flat(self) -> dict[str, Any]:
         """The dotted-key mapping Flower uses, e.g. ``{"model.precision": "fp32", ...}``."""

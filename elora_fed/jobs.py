@@ -156,7 +156,8 @@ def run_affinity(config: RunConfig, sketches: Path) -> dict[str, Any]:
     if af.mode == "gradient-cosine":
         affinity, stages = gradient_cosine_affinity(tasks), {}
     else:
-        result = affinity_from_features(tasks, af.subset_size, af.num_subsets, af.lam, af.seed, af.mode == "private")
+        private = af.mode in ("private", "secure")  # offline, secure mode's math is the private mode's (no SecAgg+)
+        result = affinity_from_features(tasks, af.subset_size, af.num_subsets, af.lam, af.seed, private)
         affinity, stages = result.affinity, result.seconds
     affinity_s = time.perf_counter() - start
     console.log(f"affinity of {len(ids)} clients ({af.mode}) in {affinity_s:.1f} s")

@@ -9,6 +9,7 @@ the data nor the model. Every request carries the run config (``clients.protocol
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,9 +44,43 @@ class Federation:
     ledger: Ledger
     phase: str = "nodes"
 
-    def exchange(self, messages: Iterable[Message], label: str) -> Exchange:
-        """Send and collect (``strategies.messaging.exchange``), booking the cost under the current phase."""
-        result = exchange(self.grid, messages, label, self.config.federation)
+    def exchange(self, messages: Iterable[Message], label: str, retries: int = 0) -> Exchange:
+        """Send and collect (``strategies.messaging.exchange``), booking the cost under the current phase.
+
+        Requests that fail or time out are re-sent up to ``retries`` times (only for
+        idempotent requests: evaluation, queries). Every attempt is stamped with the
+        ``exchange`` record (label, attempt), which clients use to decide simulated dropout.
+        DataError if fewer than ``federation.min_fraction`` of the clients answered in the end.
+        """
+        messages = list(messages)
+        result = self._attempt(messages, label, 0)
+        for attempt in range(1, retries + 1):
+            if not result.failed_nodes:
+                break
+            failed = set(result.failed_nodes)
+            again = [
+                Message(
+                    RecordDict(dict(m.content.items())),
+                    dst_node_id=m.metadata.dst_node_id,
+                    message_type=m.metadata.message_type,
+                )
+                for m in messages
+                if m.metadata.dst_node_id in failed
+            ]
+            result = result.merge(self._attempt(again, label, attempt))
+        needed = math.ceil(self.config.federation.min_fraction * result.sent)
+        if len(result.replies) < needed:
+            raise DataError(
+                f"{label}: only {len(result.replies)} of {result.sent} clients answered, fewer than "
+                f"federation.min_fraction = {self.config.federation.min_fraction}; first failures: {result.failures[:2]}"
+            )
+        return result
+
+    def _attempt(self, messages: list[Message], label: str, attempt: int) -> Exchange:
+        for message in messages:
+            message.content["exchange"] = ConfigRecord({"label": label, "attempt": attempt})
+        title = label if attempt == 0 else f"{label} (retry {attempt})"
+        result = exchange(self.grid, messages, title, self.config.federation)
         self.ledger.record(self.phase, result, self._client_by_node)
         return result
 

@@ -2,8 +2,9 @@
 
 Per phase: token positions forward and backward and projected samples (reported by the
 clients, turned into FLOPs by ``elora_fed.accounting.ModelSize``), bytes sent and received
-(total and per client), the peak memory any client process reached, and wall time. The
-ledger lives in the checkpoint's JSON, so a resumed run keeps what the killed one spent.
+(total and per client), failed requests, the peak memory any client process reached, and
+wall time. The ledger lives in the checkpoint's JSON, so a resumed run keeps what the
+killed one spent.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Ledger:
         entry = self.state["phases"].setdefault(
             phase, {**{k: 0.0 for k in _SUMS + _PEAKS}, "bytes_sent": 0, "bytes_received": 0, "messages": 0}
         )
+        entry["failed"] = entry.get("failed", 0) + len(result.failures)
         for key in _SUMS:
             entry[key] += result.total(key)
         for key in _PEAKS:
@@ -55,6 +57,7 @@ class Ledger:
                 "projected_rows": entry["projected-rows"],
                 "bytes": {"sent": entry["bytes_sent"], "received": entry["bytes_received"]},
                 "messages": entry["messages"],
+                "failed": entry.get("failed", 0),
                 "peak_client_rss_bytes": entry["peak-rss-bytes"],
                 "peak_client_cuda_bytes": entry["cuda-max-allocated-bytes"],
                 "wall_s": seconds.get(phase, 0.0),

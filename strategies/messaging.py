@@ -31,10 +31,28 @@ class Exchange:
     label: str
     replies: list[Message]
     failures: list[str]
+    failed_nodes: list[int]  # nodes whose request failed or timed out
     sent: int
     seconds: float
     bytes_sent: dict[int, int]  # by destination node
     bytes_received: dict[int, int]  # by source node
+
+    def merge(self, retry: Exchange) -> Exchange:
+        """This exchange completed by ``retry``, a re-send of its failed requests."""
+
+        def add(a: dict[int, int], b: dict[int, int]) -> dict[int, int]:
+            return {k: a.get(k, 0) + b.get(k, 0) for k in a.keys() | b.keys()}
+
+        return Exchange(
+            self.label,
+            sorted(self.replies + retry.replies, key=lambda r: r.metadata.src_node_id),
+            retry.failures,
+            retry.failed_nodes,
+            self.sent,
+            self.seconds + retry.seconds,
+            add(self.bytes_sent, retry.bytes_sent),
+            add(self.bytes_received, retry.bytes_received),
+        )
 
     @property
     def compute_s(self) -> float:
@@ -60,7 +78,13 @@ class Exchange:
 
 def content_bytes(message: Message) -> int:
     """The payload size of a message: the bytes of its records."""
-    return sum(record.count_bytes() for record in message.content.values())
+    total = 0
+    for record in message.content.values():
+        try:
+            total += record.count_bytes()
+        except ValueError:  # Flower 1.42's count_bytes rejects an empty string value: count its items
+            total += sum(len(str(key)) + len(repr(value)) for key, value in record.items())
+    return total
 
 
 def exchange(
@@ -84,7 +108,14 @@ def exchange(
         node = message.metadata.dst_node_id
         bytes_sent[node] = bytes_sent.get(node, 0) + content_bytes(message)
     window = federation.max_in_flight if federation.max_in_flight > 0 else sent
-    pending = set(grid.push_messages(queue[:window]))
+    destination: dict[str, int] = {}
+
+    def push(batch: list[Message]) -> set[str]:
+        ids = list(grid.push_messages(batch))
+        destination.update(zip(ids, (m.metadata.dst_node_id for m in batch), strict=True))
+        return set(ids)
+
+    pending = push(queue[:window])
     queue = queue[window:]
     received: list[Message] = []
     columns = (
@@ -105,7 +136,7 @@ def exchange(
             received.extend(replies)
             if queue and len(pending) < window:
                 more, queue = queue[: window - len(pending)], queue[window - len(pending) :]
-                pending.update(grid.push_messages(more))
+                pending.update(push(more))
             progress.update(task, completed=len(received))
             now = time.perf_counter()
             if not console.is_terminal and now - last_line >= 30 and pending:
@@ -115,13 +146,21 @@ def exchange(
             if pending and not replies:
                 time.sleep(poll_s)
     ok = sorted((r for r in received if not r.has_error()), key=lambda r: r.metadata.src_node_id)
-    failures = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in received if r.has_error()]
+    failures = [f"node {r.metadata.src_node_id}: {error_gist(r.error.reason or '')}" for r in received if r.has_error()]
     failures += [f"no reply within {timeout:.0f} s"] * (len(pending) + len(queue))
+    failed_nodes = [r.metadata.src_node_id for r in received if r.has_error()]
+    failed_nodes += [destination[i] for i in pending] + [m.metadata.dst_node_id for m in queue]
     seconds = time.perf_counter() - start
     bytes_received = {r.metadata.src_node_id: content_bytes(r) for r in ok}
-    result = Exchange(label, ok, failures, sent, seconds, bytes_sent, bytes_received)
+    result = Exchange(label, ok, failures, sorted(failed_nodes), sent, seconds, bytes_sent, bytes_received)
     note = f", {len(failures)} failed" if failures else ""
     console.log(f"{label}: {len(ok)}/{sent} answered{note} in {seconds:.1f} s")
     for failure in failures[:3]:
         console.log(f"  {failure}")
     return result
+
+
+def error_gist(text: str) -> str:
+    """The gist of a client's error: its last message line (Ray wraps it in whole tracebacks)."""
+    lines = [line.strip(" '\"<>") for line in text.replace("\\n", "\n").splitlines() if line.strip(" '\"<>")]
+    return (lines[-1] if lines else "error")[:300]

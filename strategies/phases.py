@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import random
 import zlib
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +28,22 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
 from clients.protocol import ensemble_records, number, run_record, sketch_from_record, statistics_from_record
-from elora_fed.affinity import affinity_from_features, affinity_from_statistics, gradient_cosine_affinity
+from elora_fed.affinity import (
+    affinity_from_features,
+    affinity_from_statistics,
+    affinity_from_subset_sums,
+    gradient_cosine_affinity,
+)
 from elora_fed.client_sketch import ClientSketch
 from elora_fed.clustering import cluster, spectral_clustering
 from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters, lift, ridge_fit, ridge_statistics
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.projection import JLProjector
-from elora_fed.surrogate import ClientStatistics, task_features
+from elora_fed.surrogate import ClientStatistics, SubsetSums, task_features
 from strategies.federation import Federation, GroupGrid
-from strategies.messaging import Exchange
+from strategies.messaging import Exchange, console
+from strategies.validation import UpdateLimits, screen
 
 
 def load_class(path: str, key: str) -> type:
@@ -63,14 +70,16 @@ def load_class(path: str, key: str) -> type:
 
 
 class SketchPhase:
-    """Phase 2: every client's sketch of its train and validation samples (or, private mode, its statistics)."""
+    """Phase 2: every client's sketch of its train and validation samples (or, private mode, its statistics).
+
+    Clients that fail are left out (``Federation.exchange`` stops the run below
+    ``federation.min_fraction``); the pipeline assigns them to a group without a sketch.
+    """
 
     def run(self, fed: Federation) -> tuple[list[ClientSketch] | list[tuple[str, ClientStatistics]], Exchange]:
         result = fed.exchange(fed.requests(fed.client_ids, "query.sketch", {}), "sketch")
-        if len(result.replies) < len(fed.client_ids):
-            raise DataError(
-                f"{len(fed.client_ids) - len(result.replies)} clients sent no sketch: {result.failures[:2]}"
-            )
+        if fed.config.affinity.mode == "secure":  # statistics stay on the clients (``strategies.secure_statistics``)
+            return [], result
         if fed.config.affinity.mode == "private":
             stats = [statistics_from_record(r.content, fed.config.sketch.dim) for r in result.replies]
             return sorted(stats, key=lambda item: item[0]), result
@@ -81,14 +90,18 @@ class SurrogateAffinity:
     """Phase 3a: task affinity from surrogate fine-tuning on client subsets (``affinity.mode``).
 
     ``estimate`` gets what the sketch phase collected, in client order: ``ClientSketch``es,
-    or ``ClientStatistics`` in private mode.
+    or ``ClientStatistics`` in private mode; in secure mode a ``SubsetSums`` that sums each
+    subset by secure aggregation (``strategies.secure_statistics.SecureStatistics``).
     """
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config.affinity
 
-    def estimate(self, collected: Sequence[ClientSketch] | Sequence[ClientStatistics]) -> np.ndarray:
+    def estimate(self, collected: Sequence[ClientSketch] | Sequence[ClientStatistics] | SubsetSums) -> np.ndarray:
         af = self.config
+        if isinstance(collected, SubsetSums):
+            size = min(af.subset_size, collected.num_clients)
+            return affinity_from_subset_sums(collected, size, af.num_subsets, af.lam, af.seed).affinity
         size = min(af.subset_size, len(collected))
         if all(isinstance(c, ClientStatistics) for c in collected):
             stats = [c for c in collected if isinstance(c, ClientStatistics)]
@@ -165,6 +178,7 @@ class GroupTraining:
     ) -> dict[int, AdapterState]:
         config = self.fed.config
         tc = config.train
+        limits = UpdateLimits.from_config(config.federation)
         for rnd in range(first_round, rounds + 1):
             messages: list[Message] = []
             for g, members in groups.items():
@@ -188,19 +202,29 @@ class GroupTraining:
             result = self.fed.exchange(messages, f"{self.label} round {rnd}/{rounds}")
             group_of = {self.fed.node_of[c]: g for g, members in groups.items() for c in members}
             losses: dict[str, float] = {}
+            rejected: Counter[str] = Counter()
             for g in groups:
                 replies = [r for r in result.replies if group_of.get(r.metadata.src_node_id) == g]
+                replies, rejected_g = screen(replies, arrays[g], limits)
+                rejected.update(rejected_g)
                 aggregated, metrics = strategies[g].aggregate_train(rnd, replies)
                 if aggregated is not None:
                     arrays[g] = aggregated.to_torch_state_dict()
                 if metrics is not None and "train-loss" in metrics:
                     losses[str(g)] = float(metrics["train-loss"])  # type: ignore[arg-type]
-            on_round(rnd, arrays, {"round": rnd, "train_loss": losses, **exchange_metrics(result)})
+            if rejected:
+                console.log(f"{self.label} round {rnd}: rejected updates {dict(rejected)}")
+            round_metrics = {"round": rnd, "train_loss": losses, "rejected": dict(rejected)}
+            on_round(rnd, arrays, {**round_metrics, **exchange_metrics(result)})
         return arrays
 
 
 class EnsembleEvaluation:
-    """Loss and accuracy of ensembles on the clients' data (``evaluate`` messages)."""
+    """Loss and accuracy of ensembles on the clients' data (``evaluate`` messages).
+
+    Evaluation is idempotent, so failed requests are re-sent ``federation.retries`` times;
+    clients that still fail are missing from the result.
+    """
 
     def __init__(self, fed: Federation) -> None:
         self.fed = fed
@@ -237,7 +261,7 @@ class EnsembleEvaluation:
             records: dict[str, ArrayRecord | ConfigRecord] = {"config": ConfigRecord(options)}
             records.update(ensemble_records(groups))
             messages.extend(self.fed.requests([client], "evaluate", records))
-        result = self.fed.exchange(messages, label)
+        result = self.fed.exchange(messages, label, retries=self.fed.config.federation.retries)
         per_client = {}
         for reply in result.replies:
             metrics = reply.content.metric_records["metrics"]

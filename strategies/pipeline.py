@@ -6,6 +6,17 @@ is a class in ``strategies.phases``; this module only orders them, writes the ar
 and checkpoints after every phase and every training round, so ``resume`` continues a
 killed run and, with every random choice seeded by (seed, phase, group, round), reproduces
 the uninterrupted result.
+
+Clients that fail (error, timeout, ``federation.drop_rate``) do not stop a run unless an
+exchange falls below ``federation.min_fraction``. Each phase goes on without them:
+- sketch: a client without a sketch is assigned to the largest group (ties: the lowest
+  group number), the adapter trained on the most clients, and is listed in ``groups.json``
+  under ``without_sketch``;
+- training and boosting: each round aggregates the updates that arrived and passed
+  ``strategies.validation``; a group with none keeps its adapter for that round;
+- ensemble weights: a client without learned weights puts all weight on its own group;
+- test: evaluation is retried (``federation.retries``); clients that still fail are listed
+  in ``report.json`` under ``unanswered`` and left out of the averages.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import functools
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +43,7 @@ from elora_fed.config import DataConfig, ModelConfig, RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.plots import affinity_heatmap
+from elora_fed.privacy import describe, markdown_lines, privacy_report
 from elora_fed.run_dir import create_run_dir, write_json
 from elora_fed.surrogate import ClientStatistics, load_statistics, save_statistics
 from strategies.federation import Federation, discover, wait_for_nodes
@@ -45,6 +58,7 @@ from strategies.phases import (
     load_class,
     make_aggregation,
 )
+from strategies.secure_statistics import SecureStatistics
 
 PHASES = ("sketch", "groups", "train", "boost", "weights", "test")
 
@@ -110,6 +124,9 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
     needs_affinity = bool(
         getattr(load_class(config.strategies.clustering, "strategies.clustering"), "needs_affinity", True)
     )
+    privacy = privacy_report(config, releases=int(needs_affinity))  # one sketch-phase release per client
+    if config.privacy.enabled:
+        console.log(describe(privacy))
     if needs_affinity and not run.done("sketch"):
         started = time.perf_counter()
         fed.phase = "sketch"
@@ -151,7 +168,9 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
             per_client, result = EnsembleEvaluation(fed).run(
                 "ensemble weights", "validation", {c: ensemble for c in fed.client_ids}
             )
-            run.info["weights"] = {c: per_client[c]["weights"] for c in per_client}
+            own = {c: g for g, members in groups.items() for c in members}
+            fallback = {c: [float(g == own[c]) for g in ensemble] for c in fed.client_ids}
+            run.info["weights"] = {c: per_client[c]["weights"] if c in per_client else fallback[c] for c in fallback}
             run.log({"phase": "weights", "validation_loss": _mean(per_client, "loss"), **exchange_metrics(result)})
         write_json(run.dir / "ensemble_weights.json", {"groups": sorted(groups), "weights": run.info["weights"]})
         run.complete("weights", started)
@@ -163,6 +182,7 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
     accounting = ledger.summary(fed.model_size, run.info["seconds"])
     write_json(run.dir / "accounting.json", accounting)
     report["cost"] = dict(accounting["total"])
+    report["privacy"] = privacy
     write_json(run.dir / "report.json", report)
     (run.dir / "report.md").write_text(_markdown(report))
     run.info["done"].append("test")
@@ -185,14 +205,19 @@ def _group(run: PipelineRun, fed: Federation, needs_affinity: bool) -> None:
     affinity: np.ndarray | None = None
     ids = fed.client_ids
     if needs_affinity:
-        collected: list[ClientSketch] | list[ClientStatistics]
-        if (run.dir / "statistics.npz").exists():
+        collected: list[ClientSketch] | list[ClientStatistics] | SecureStatistics
+        if config.affinity.mode == "secure":  # every client, even one that missed the sketch phase: it computes then
+            collected = SecureStatistics(fed, ids)
+        elif (run.dir / "statistics.npz").exists():
             ids, collected = load_statistics(run.dir / "statistics.npz")
         else:
             collected = load_sketches(run.dir / "sketches")
             ids = [s.client_id for s in collected]
-        estimator = load_class(config.strategies.affinity, "strategies.affinity")(config)
-        affinity = np.asarray(estimator.estimate(collected), dtype=np.float64)
+        if len(ids) < 2:  # a single client (or one left after failures): nothing to compare
+            affinity = np.zeros((len(ids), len(ids)))
+        else:
+            estimator = load_class(config.strategies.affinity, "strategies.affinity")(config)
+            affinity = np.asarray(estimator.estimate(collected), dtype=np.float64)
         if affinity.shape != (len(ids), len(ids)) or not np.isfinite(affinity).all():
             raise DataError(
                 f"{config.strategies.affinity} returned an affinity of shape {affinity.shape} for {len(ids)} clients"
@@ -205,10 +230,22 @@ def _group(run: PipelineRun, fed: Federation, needs_affinity: bool) -> None:
     if affinity is not None:
         np.save(run.dir / "affinity.npy", affinity)
         affinity_heatmap(affinity, labels, ids, run.dir / "affinity.png")
+    without_sketch = sorted(set(fed.client_ids) - set(ids))
+    if without_sketch:
+        sizes = np.bincount(labels)
+        largest = int(np.argmax(sizes))  # argmax: the lowest group number among ties
+        console.log(f"{len(without_sketch)} clients without a sketch join the largest group, {largest}")
+        ids = [*ids, *without_sketch]
+        labels = np.concatenate([labels, np.full(len(without_sketch), largest)])
     groups = _groups(labels.tolist(), ids)
     write_json(
         run.dir / "groups.json",
-        {"clients": ids, "labels": labels.tolist(), "groups": [groups[g] for g in sorted(groups)]},
+        {
+            "clients": ids,
+            "labels": labels.tolist(),
+            "groups": [groups[g] for g in sorted(groups)],
+            "without_sketch": without_sketch,
+        },
     )
     run.info.update(labels=labels.tolist(), client_ids=ids)
     run.log({"phase": "groups", "num_groups": len(groups), "sizes": [len(groups[g]) for g in sorted(groups)]})
@@ -351,6 +388,9 @@ def _final_report(
     }
     base = {c: {"loss": r["base_loss"], "accuracy": r["base_accuracy"]} for c, r in test.items()}
     run.log({"phase": "test", "test_loss": _mean(test, "loss"), **exchange_metrics(result)})
+    rejected: Counter[str] = Counter()
+    for line in (run.dir / "metrics.jsonl").read_text().splitlines():
+        rejected.update(json.loads(line).get("rejected", {}))
     rows = [
         {
             "client_id": c,
@@ -376,6 +416,8 @@ def _final_report(
             "base_model": {"test_loss": _mean(base, "loss"), "test_accuracy": _mean(base, "accuracy")},
         },
         "num_clients": len(rows),
+        "unanswered": sorted(set(clients) - set(test)),
+        "rejected_updates": dict(rejected),
         "num_groups": len(groups),
         "group_sizes": {str(g): len(m) for g, m in sorted(groups.items())},
         "boosts": run.info.get("boosts", []),
@@ -414,6 +456,7 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{b['train_loss_after']:.4f} ({'kept' if b['kept'] else 'dropped; boosting stopped'})"
         for b in report["boosts"]
     ] or ["- none"]
+    lines += markdown_lines(report["privacy"])
     lines += ["", "## Clients", "", "| client | group | test loss | accuracy | own group loss | base loss | weights |"]
     lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     for r in report["clients"]:

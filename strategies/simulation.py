@@ -9,15 +9,18 @@ to a running Ray cluster (``ray start --head``) instead of starting a local one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError, EloraFedError
+from strategies.messaging import error_gist
 from strategies.phases import load_class
 from strategies.pipeline import count_clients, run_pipeline
 
@@ -30,11 +33,32 @@ def resume_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_flat({**json.loads(saved.read_text()), "resume": str(run_dir)})
 
 
-def simulate(config: RunConfig) -> Path:
-    """Run (or resume) the pipeline with one simulated node per client; returns the run directory."""
+class _OneLineClientErrors(logging.Filter):
+    """Flower's simulation engine logs each client error twice with Ray's whole traceback: keep one line.
+
+    The exchange summary (``strategies.messaging``) reports the failures anyway; with
+    dropout (``federation.drop_rate``) the tracebacks would bury every other line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.pathname.endswith("vce_api.py") or record.levelno < logging.ERROR:
+            return True
+        text = record.getMessage()
+        if text.startswith("Traceback"):
+            return False
+        record.msg, record.args = f"client error: {error_gist(text)}", ()
+        return True
+
+
+def simulate(config: RunConfig, client_app: ClientApp | None = None) -> Path:
+    """Run (or resume) the pipeline with one simulated node per client; returns the run directory.
+
+    ``client_app`` replaces ``clients.app.app`` (e.g. the same handlers with extra mods).
+    """
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
+    if client_app is None:
+        from clients.app import app as client_app
 
     for key in ("strategies.affinity", "strategies.clustering", "train.aggregation"):
         load_class(config.to_flat()[key], key)  # fail before Ray starts, not in the middle of a run
@@ -47,6 +71,7 @@ def simulate(config: RunConfig) -> Path:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # Worker processes inherit this: library deprecation notices, once per actor, bury the progress lines.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    logging.getLogger("flwr").addFilter(_OneLineClientErrors())
     outcome: dict[str, Any] = {}
     app = ServerApp()
 

@@ -65,21 +65,55 @@ def only_run_dir(cwd: Path) -> Path:
     return run_dir
 
 
-def test_500_clients_end_to_end_write_the_whole_run_directory(tmp_path):
-    settings = {
-        **TINY,
-        "data.num_clients": 500,
-        "data.max_samples_per_client": 10,
-        "affinity.subset_size": 25,
-        "affinity.num_subsets": 0,
-        "clustering.num_groups": 5,  # the relaxation's rounding may split further
-        "train.rounds": 1,
-        "train.fraction": 0.5,
-    }
-    result = run(cli("run", settings=settings), tmp_path, timeout=1500)
-    run_dir = only_run_dir(tmp_path)
+FIVE_HUNDRED = {
+    **TINY,
+    "data.num_clients": 500,
+    "data.max_samples_per_client": 10,
+    "affinity.subset_size": 25,
+    "affinity.num_subsets": 0,
+    "clustering.num_groups": 5,  # the relaxation's rounding may split further
+    "train.rounds": 1,
+    "train.fraction": 0.5,
+}
+
+
+@pytest.fixture(scope="module")
+def fault_free_500(tmp_path_factory) -> tuple[Path, str]:
+    """One fault-free 500-client run, shared by the end-to-end and the dropout test."""
+    cwd = tmp_path_factory.mktemp("fault-free-500")
+    result = run(cli("run", settings=FIVE_HUNDRED), cwd, timeout=1500)
+    return only_run_dir(cwd), result.stderr + result.stdout
+
+
+def test_500_clients_end_to_end_write_the_whole_run_directory(fault_free_500):
+    run_dir, output = fault_free_500
     m = check_run_dir(run_dir, clients=500, fraction=0.5)
-    assert f"EnsembleLoRA: 500 clients, {m} groups" in result.stderr + result.stdout
+    assert f"EnsembleLoRA: 500 clients, {m} groups" in output
+
+
+def test_500_clients_with_20_percent_dropout_finish_within_2_percent_of_the_fault_free_loss(fault_free_500, tmp_path):
+    """Every client fails each request with probability 0.2 (seeded per exchange, attempt and client)."""
+    run(cli("run", settings={**FIVE_HUNDRED, "federation.drop_rate": 0.2}), tmp_path, timeout=1500)
+    run_dir = only_run_dir(tmp_path)
+    report = json.loads((run_dir / "report.json").read_text())
+    reference = json.loads((fault_free_500[0] / "report.json").read_text())
+    loss, fault_free = report["average"]["ensemble"]["test_loss"], reference["average"]["ensemble"]["test_loss"]
+    assert abs(loss / fault_free - 1) < 0.02
+    # Each phase lost clients and went on: sketch (its clients joined the largest group),
+    # training (fewer updates), evaluation (retried once, so about 4% remain unanswered).
+    groups = json.loads((run_dir / "groups.json").read_text())
+    missing = groups["without_sketch"]
+    assert 0.1 * 500 < len(missing) < 0.3 * 500
+    sizes = [len(g) for g in groups["groups"]]
+    largest = sorted(groups["groups"], key=len)[-1]
+    assert set(missing) <= set(largest) and len(largest) == max(sizes)
+    phases = json.loads((run_dir / "accounting.json").read_text())["phases"]
+    assert all(phases[p]["failed"] > 0 for p in ("sketch", "train", "test"))
+    train = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (round_one,) = [m for m in train if m["phase"] == "train"]
+    assert round_one["failed"] > 0 and round_one["clients"] < sum(max(1, len(g) // 2) for g in groups["groups"])
+    assert 0 < len(report["unanswered"]) < 0.1 * 500 and report["num_clients"] == 500 - len(report["unanswered"])
+    assert report["rejected_updates"] == {}
 
 
 def check_run_dir(run_dir: Path, clients: int, fraction: float) -> int:
