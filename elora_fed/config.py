@@ -189,8 +189,8 @@ class FederationConfig:
 
     ``num_nodes`` is how many nodes the server waits for before the first phase (nodes
     register asynchronously); ``0`` means one per client of the data config. ``wait_s``
-    bounds that wait and ``timeout_s`` bounds every exchange of messages (stragglers past it
-    are left out of that round). ``max_in_flight`` bounds the messages queued at the
+    bounds that wait and the nodes' first answer (it loads their data); ``timeout_s`` bounds
+    every later exchange of messages (stragglers past it are left out of that round). ``max_in_flight`` bounds the messages queued at the
     SuperLink at once (0: all), which keeps Flower's simulation engine from spending a CPU
     core scanning them. ``ray_address`` attaches ``elora-fed run`` to a running Ray
     cluster (``auto`` or ``host:port``); empty starts a local one. ``cpus_per_client`` and

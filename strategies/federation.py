@@ -8,6 +8,7 @@ the data nor the model. Every request carries the run config (``clients.protocol
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -132,7 +133,10 @@ def discover(grid: Grid, config: RunConfig, nodes: list[int], ledger: Ledger) ->
             "options": ConfigRecord({"with-theta-star": i == 0}),
         }
         messages.append(Message(RecordDict(records), dst_node_id=node, message_type="query.stats"))
-    result = exchange(grid, messages, "clients", config.federation)
+    # Bounded by wait_s, not the round timeout: the first message also loads each worker's data.
+    result = exchange(
+        grid, messages, "clients", dataclasses.replace(config.federation, timeout_s=config.federation.wait_s)
+    )
     node_of: dict[str, int] = {}
     samples: dict[str, dict[str, int]] = {}
     theta_star: AdapterState | None = None

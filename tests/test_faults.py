@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from elora_fed.adapters import load_peft_adapter
-from tests.fixtures.faulty_clients import CORRUPTIONS
+from tests.fixtures.faulty_clients import CORRUPTIONS, STRAGGLE_S
 from tests.test_pipeline import REPO, TINY, _env, cli, only_run_dir
 
 FAULTY = {
@@ -22,9 +22,9 @@ FAULTY = {
 }
 
 
-def faulty_run(mode: str, cwd) -> dict:
+def faulty_run(mode: str, cwd, **overrides) -> dict:
     cwd.mkdir()
-    settings = {**FAULTY, "run_dir": str(cwd / "runs")}
+    settings = {**FAULTY, "run_dir": str(cwd / "runs"), **overrides}
     script = REPO / "tests" / "fixtures" / "faulty_clients.py"
     result = subprocess.run(
         [sys.executable, str(script), mode, json.dumps(settings)],
@@ -74,3 +74,12 @@ def test_too_few_answers_stop_the_run_with_a_named_error_and_keep_the_checkpoint
     run_dir = only_run_dir(tmp_path)
     assert (run_dir / "config.json").exists() and (run_dir / "clients.json").exists()
     assert not (run_dir / "report.json").exists()
+
+
+def test_a_straggler_is_left_out_of_its_round_by_the_round_timeout(tmp_path):
+    timeout = 30.0
+    run = faulty_run("straggle", tmp_path / "straggle", **{"federation.timeout_s": timeout})
+    first, second = [m for m in run["metrics"] if m["phase"] == "train"]
+    assert first["failed"] == 1 and first["clients"] == FAULTY["data.num_clients"] - 1
+    assert timeout <= first["wall_s"] < STRAGGLE_S  # the round ended at the timeout, not when the straggler answered
+    assert second["failed"] == 0
