@@ -10,7 +10,7 @@ Node discovery carries no such record and never fails.
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -27,7 +27,10 @@ def dropped(seed: int, label: str, attempt: int, partition: int, rate: float) ->
     """Whether the client at ``partition`` drops out of this attempt of exchange ``label``."""
     if rate <= 0:
         return False
-    return zlib.crc32(f"{seed}:{label}:{attempt}:{partition}".encode()) / 2**32 < rate
+    # sha256, not crc32: crc32 is affine, so draws for keys that differ in one character
+    # (attempt 0 and 1) would be correlated and a retry would fail far more often than p.
+    digest = hashlib.sha256(f"{seed}:{label}:{attempt}:{partition}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
 
 
 def simulated_dropout(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
