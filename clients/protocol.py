@@ -134,7 +134,7 @@ def statistics_from_record(content: RecordDict, dim: int) -> tuple[str, ClientSt
     try:
         client_id = str(content.config_records["sketch_meta"]["client_id"])
         arrays = {k: v.numpy() for k, v in content.array_records["statistics"].items()}
-    except (KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # Flower and numpy raise plain exceptions (ValueError, EOFError, ...) for bad arrays
         raise DataError(f"malformed statistics reply: {type(e).__name__}: {e}") from e
     return client_id, statistics_from_arrays(arrays, dim)
 
@@ -147,7 +147,7 @@ def sketch_from_record(content: RecordDict) -> ClientSketch:
         values = {name: arrays[name].numpy() for name in SKETCH_ARRAYS}
         client_id = str(meta["client_id"])
         metadata = SketchMetadata(**json.loads(str(meta["metadata"])))
-    except (KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # Flower and numpy raise plain exceptions (ValueError, EOFError, ...) for bad arrays
         raise DataError(f"malformed sketch reply: {type(e).__name__}: {e}") from e
     n = len(values["outputs"])
     features = values["features"]

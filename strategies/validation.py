@@ -61,7 +61,7 @@ def rejection(reply: Message, sent: AdapterState, limits: UpdateLimits) -> str |
             return "shape"
         try:
             values = array.numpy()
-        except (ValueError, TypeError):
+        except Exception:  # numpy raises ValueError, EOFError, ... for bytes that are not an array
             return "decode"
         if values.shape != expected.shape:
             return "decode"
