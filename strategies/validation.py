@@ -41,6 +41,14 @@ class UpdateLimits:
 
 def rejection(reply: Message, sent: AdapterState, limits: UpdateLimits) -> str | None:
     """The first rule of ``KINDS`` that ``reply`` breaks as an update of ``sent``, or None if it is valid."""
+    return _rejection(reply, _reference(sent), limits)
+
+
+def _reference(sent: AdapterState) -> dict[str, np.ndarray]:
+    return {key: tensor.detach().cpu().numpy() for key, tensor in sent.items()}
+
+
+def _rejection(reply: Message, reference: dict[str, np.ndarray], limits: UpdateLimits) -> str | None:
     if content_bytes(reply) > limits.max_payload_bytes:
         return "payload"
     metrics = reply.content.metric_records.get("metrics")
@@ -48,13 +56,12 @@ def rejection(reply: Message, sent: AdapterState, limits: UpdateLimits) -> str |
     if isinstance(examples, bool) or not isinstance(examples, int | float) or not 0 < examples < math.inf:
         return "num-examples"
     records = reply.content.array_records
-    if list(records) != ["arrays"] or set(records["arrays"]) != set(sent):
+    if list(records) != ["arrays"] or set(records["arrays"]) != set(reference):
         return "keys"
     arrays = records["arrays"]
     squared = 0.0
-    for key, tensor in sent.items():
+    for key, expected in reference.items():
         array = arrays[key]
-        expected = tensor.detach().cpu().numpy()
         if array.dtype != str(expected.dtype):
             return "dtype"
         if tuple(array.shape) != expected.shape:
@@ -77,8 +84,9 @@ def screen(replies: Sequence[Message], sent: AdapterState, limits: UpdateLimits)
     """The valid replies, in order, and the number rejected per kind."""
     accepted: list[Message] = []
     rejected: Counter[str] = Counter()
+    reference = _reference(sent)  # once per screen, not once per reply
     for reply in replies:
-        kind = rejection(reply, sent, limits)
+        kind = _rejection(reply, reference, limits)
         if kind is None:
             accepted.append(reply)
         else:
