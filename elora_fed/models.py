@@ -206,11 +206,36 @@ def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise _unreachable(cfg.name, e) from e
-    if cfg.precision != "nf4":
+    if cfg.precision == "nf4":
+        keep_4bit_layers_differentiable(model)
+    else:
         model.to(device)  # type: ignore[arg-type]  # transformers stubs type .to() wrongly
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Keep every bitsandbytes ``Linear4bit`` on its differentiable CPU kernel.
+
+    On a CPU with AVX-512 BF16, ``Linear4bit.forward`` repacks its weight, in place and for
+    good, the first time it sees an input that does not require grad while the module is in
+    eval mode: every forward under ``torch.no_grad()``, and in a plain eval-mode pass every
+    layer whose input comes straight from frozen embeddings. From then on
+    ``bnb.matmul_4bit`` routes that layer to ``gemv_4bit``, a fused bf16 inference op with
+    no autograd formula, so a later backward passes no gradient through the frozen layer,
+    and each LoRA output reaches the loss only through such layers (o_proj, the MLP): every
+    LoRA gradient is exactly zero, with only a UserWarning. A cached base model that has
+    evaluated once could never train again. ``support_avx512bf16_for_cpu`` is the flag that
+    forward reads (set from the CPU at construction); clearing it keeps the dequantize-and-
+    matmul path, which trains and computes in the configured fp32 compute dtype. The fused
+    path is faster for inference only (CHANGELOG, "Fixed"), and its bf16 rounding would make
+    evaluation disagree with training. Versions without the flag are caught by the zero-
+    gradient guard (``elora_fed.gradient_guard``) instead.
+    """
+    for layer in model.modules():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            setattr(layer, "support_avx512bf16_for_cpu", False)  # noqa: B010  # a plain attribute, not a Module
 
 
 def _unreachable(name: str, error: Exception) -> ModelLoadError:

@@ -34,6 +34,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from elora_fed.batches import Batch
 from elora_fed.errors import ConfigError
+from elora_fed.gradient_guard import check_gradients
 from elora_fed.projection import JLProjector
 
 
@@ -70,7 +71,11 @@ def gradient_dim(model: nn.Module) -> int:
 
 
 class _LoraBCapture:
-    """Forward and tensor hooks that keep each lora_B layer's input and output gradient."""
+    """Forward and tensor hooks that keep each lora_B layer's input and output gradient.
+
+    An output that no gradient reaches keeps a zero gradient, so a cut autograd path shows
+    up as zero features (and the zero-gradient guard), not as a crash.
+    """
 
     def __init__(self, layers: list[tuple[str, nn.Linear]]) -> None:
         self.layers = layers
@@ -89,7 +94,8 @@ class _LoraBCapture:
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             self.inputs[name] = args[0].detach()
-            output.register_hook(lambda grad: self.grads.__setitem__(name, grad.detach()))
+            self.grads[name] = torch.zeros_like(output, requires_grad=False)
+            output.register_hook(lambda grad: None if grad is None else self.grads.__setitem__(name, grad.detach()))
 
         return forward_hook
 
@@ -120,7 +126,7 @@ def _lora_b_gradients(
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         h = batch.outputs(logits)
     # Asking for the B weights only: autograd skips A's (zero) weight gradients.
-    torch.autograd.grad(h.sum(), [linear.weight for _, linear in layers])
+    torch.autograd.grad(h.sum(), [linear.weight for _, linear in layers], allow_unused=True)
     return h.detach(), capture.per_sample(len(batch))
 
 
@@ -171,7 +177,10 @@ class Sketch:
 def sketch_batches(
     model: nn.Module, batches: Iterable[Batch], projector: JLProjector, buffer_mb: float = 1024.0
 ) -> Sketch:
-    """Sketch every sample of ``batches``, in order; gradients are projected a buffer at a time."""
+    """Sketch every sample of ``batches``, in order; gradients are projected a buffer at a time.
+
+    Raises ZeroGradientError for a batch whose per-sample gradients are all exactly zero.
+    """
     device = next(model.parameters()).device
     p = gradient_dim(model)
     if p != projector.input_dim:
@@ -186,8 +195,9 @@ def sketch_batches(
             features.append(projector.project(pending).cpu())
             pending.clear()
 
-    for batch in batches:
+    for index, batch in enumerate(batches):
         h, grads = per_sample_gradients(model, batch.to(device))
+        check_gradients(model, h, [grads], f"sketch batch {index}")
         outputs.append(h.float().cpu())
         if pending and sum(len(g) for g in pending) + len(grads) > capacity:
             flush()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from elora_fed.batches import Batch
+from elora_fed.gradient_guard import check_gradients
 
 
 def log_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -62,7 +63,8 @@ def train_adapter(
     """``steps`` Adam steps on the trainable parameters, one batch per step in a seeded order.
 
     ``proximal_mu > 0`` adds FedProx's (mu / 2) |x - x_0|^2 towards the starting weights.
-    Returns the training loss (without the proximal term) of every step.
+    Returns the training loss (without the proximal term) of every step. Raises
+    ZeroGradientError at a step whose gradients are all exactly zero at a finite loss.
     """
     if not batches:
         raise ValueError("train_adapter needs at least one batch")
@@ -82,6 +84,7 @@ def train_adapter(
             total = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
         optimizer.zero_grad()
         total.backward()
+        check_gradients(model, loss, (p.grad for p in params), f"training step {step}")
         optimizer.step()
         losses.append(float(loss.detach()))
     model.eval()

@@ -52,6 +52,8 @@ class Federation:
         idempotent requests: evaluation, queries). Every attempt is stamped with the
         ``exchange`` record (label, attempt), which clients use to decide simulated dropout.
         DataError if fewer than ``federation.min_fraction`` of the clients answered in the end.
+        Replies come back sorted by client id, whatever order they arrived in: aggregation
+        sums them in that order, so the same replies always give the same float32 result.
         """
         messages = list(messages)
         result = self._attempt(messages, label, 0)
@@ -75,7 +77,7 @@ class Federation:
                 f"{label}: only {len(result.replies)} of {result.sent} clients answered, fewer than "
                 f"federation.min_fraction = {self.config.federation.min_fraction}; first failures: {result.failures[:2]}"
             )
-        return result
+        return dataclasses.replace(result, replies=sorted(result.replies, key=self.client_of))
 
     def _attempt(self, messages: list[Message], label: str, attempt: int) -> Exchange:
         for message in messages:

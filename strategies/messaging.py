@@ -45,7 +45,7 @@ class Exchange:
 
         return Exchange(
             self.label,
-            sorted(self.replies + retry.replies, key=lambda r: r.metadata.src_node_id),
+            self.replies + retry.replies,
             retry.failures,
             retry.failed_nodes,
             self.sent,

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from elora_fed.adapters import load_peft_adapter
@@ -55,13 +54,14 @@ def test_malformed_updates_are_rejected_counted_and_never_aggregated(tmp_path):
     train = [m for m in corrupted["metrics"] if m["phase"] == "train"]
     assert [sum(m["rejected"].values()) for m in train] == [len(CORRUPTIONS)] * rounds
     assert crashed["report"]["rejected_updates"] == {}
-    # The same clients' updates reached FedAvg in both runs: the bad ones changed nothing.
+    # The same clients' updates reached FedAvg in both runs: the bad ones changed nothing. The
+    # server sums replies in client order, whatever order they arrived in, so equality is exact.
     assert corrupted["adapter"].keys() == crashed["adapter"].keys()
     for key, value in crashed["adapter"].items():
-        torch.testing.assert_close(corrupted["adapter"][key], value, rtol=1e-5, atol=1e-7)
+        assert torch.equal(corrupted["adapter"][key], value), key
     assert any(v.abs().sum() > 0 for k, v in crashed["adapter"].items() if "lora_B" in k)  # it did train
     got, want = (r["report"]["average"]["ensemble"]["test_loss"] for r in (corrupted, crashed))
-    assert got == pytest.approx(want, rel=1e-6)
+    assert got == want
 
 
 def test_too_few_answers_stop_the_run_with_a_named_error_and_keep_the_checkpoint(tmp_path):
