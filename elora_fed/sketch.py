@@ -33,6 +33,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from elora_fed.batches import Batch
+from elora_fed.compute import full_precision
 from elora_fed.errors import ConfigError
 from elora_fed.gradient_guard import check_gradients
 from elora_fed.projection import JLProjector
@@ -99,6 +100,7 @@ class _LoraBCapture:
 
         return forward_hook
 
+    @full_precision
     def per_sample(self, n: int) -> torch.Tensor:
         """(n, p): sum over positions of grad_out (x) input, per sample, flattened like the weights."""
         parts = [

@@ -26,8 +26,14 @@ from elora_fed.models import load_base_model, load_tokenizer
 from elora_fed.projection import JLProjector
 from elora_fed.sketch import gradient_dim
 
-CONFIG = RunConfig.from_flat(
-    {"model.name": "tiny-random", "data.num_clients": 3, "data.max_samples_per_client": 12, "sketch.dim": 16}
+CONFIG = RunConfig.from_flat(  # fp32 compute: replies are compared with direct fp32 computations
+    {
+        "model.name": "tiny-random",
+        "model.compute_dtype": "fp32",
+        "data.num_clients": 3,
+        "data.max_samples_per_client": 12,
+        "sketch.dim": 16,
+    }
 )
 
 

@@ -27,6 +27,7 @@ def test_unknown_key_is_named_with_a_suggestion():
     ("key", "value", "message"),
     [
         ("model.precision", "int8", "not one of fp32, bf16, nf4"),
+        ("model.compute_dtype", "fp16", "not one of auto, fp32, bf16"),
         ("adapter.rank", 0, "out of range"),
         ("adapter.rank", 2.5, "must be int"),
         ("data.seq_len", True, "must be int"),
