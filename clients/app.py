@@ -376,7 +376,7 @@ def boost(msg: Message, context: Context) -> Message:
 
 @measured
 def boost_content(content: RecordDict, context: Context) -> RecordDict:
-    """r = 1 - p per train sample under the group's current ensemble, and (if asked) ridge statistics.
+    """r = 1 - p per train sample under the group's current ensemble, its training loss, and (if asked) ridge statistics.
 
     The server holds the train features from the sketch phase in exact mode (theta* and P
     do not change) and needs only the residuals. In private mode it has no per-sample
@@ -396,7 +396,12 @@ def boost_content(content: RecordDict, context: Context) -> RecordDict:
             projector, _ = sketch_setup(node.model, node.config)
             features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features.numpy()
             arrays["gram"], arrays["moment"] = ridge_statistics(features, residuals)
-        metrics: Metrics = {"num-examples": len(residuals), "projected-rows": len(features) if "gram" in arrays else 0}
+        metrics: Metrics = {
+            "num-examples": len(residuals),
+            "loss": outputs.loss(),
+            "targets": outputs.num_targets,
+            "projected-rows": len(features) if "gram" in arrays else 0,
+        }
         records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
         return RecordDict({"boost": ArrayRecord(records), "metrics": MetricRecord(metrics)})
 

@@ -27,7 +27,8 @@ resumed run's saved config alike), so every launcher configures clients the same
   Reply ``metrics``: ``loss``, ``accuracy``, ``num-examples`` (targets), ``weights``.
 - ``query.boost``: one group's ensemble; reply ``boost`` (ArrayRecord: sample indices and
   residual targets r = 1 - p; with ``options.ridge-statistics`` also G^T G and G^T r of the
-  projected gradients at theta*) and ``metrics``.
+  projected gradients at theta*) and ``metrics`` (``loss`` per target over ``targets``
+  targets: the group's training loss).
 
 Decoding checks every field, so a malformed message is a named error, not a crash later.
 """

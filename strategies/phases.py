@@ -283,38 +283,94 @@ class EnsembleEvaluation:
         return per_client, result
 
 
-def first_order_boost(
-    fed: Federation, members: Sequence[str], group: GroupAdapters, sketches: Mapping[str, ClientSketch]
-) -> tuple[AdapterState, Exchange]:
-    """A boosting adapter fit in sketch space: ridge regression of the residuals, lifted with P.
+@dataclass(frozen=True)
+class BoostReply:
+    """One client's answer to ``query.boost``: its train split under one group's current ensemble.
 
-    With the sketch phase's train features at hand (exact mode: same theta* and P), clients
-    send only their residuals; otherwise (private mode) they send the additive statistics
-    G^T G and G^T r, and no per-sample feature leaves them.
+    ``residuals`` r = 1 - p per sample (the boosting targets), ``loss`` the per-target log
+    loss over its ``targets`` targets, and, when asked, the ridge statistics of its train
+    features (``gram`` G^T G and ``moment`` G^T r).
     """
-    config = fed.config
-    have = all(c in sketches for c in members)
-    records: dict[str, ArrayRecord | ConfigRecord] = {"options": ConfigRecord({"ridge-statistics": not have})}
-    records.update(ensemble_records({0: group}))
-    result = fed.exchange(fed.requests(sorted(members), "query.boost", records), "boost")
-    if not result.replies:
-        raise DataError(f"no client of the group answered the boosting query: {result.failures[:2]}")
-    d = config.sketch.dim
-    gram, moment = np.zeros((d, d)), np.zeros(d)
+
+    residuals: np.ndarray
+    loss: float
+    targets: int
+    gram: np.ndarray | None = None
+    moment: np.ndarray | None = None
+
+
+def query_boost(
+    fed: Federation, ensembles: Mapping[str, GroupAdapters], label: str, ridge_statistics: bool = False
+) -> tuple[dict[str, BoostReply], Exchange]:
+    """Ask each client for ``BoostReply`` under the group ensemble given for it (retried like evaluation)."""
+    messages = []
+    for client, group in sorted(ensembles.items()):
+        records: dict[str, ArrayRecord | ConfigRecord] = {
+            "options": ConfigRecord({"ridge-statistics": ridge_statistics})
+        }
+        records.update(ensemble_records({0: group}))
+        messages.extend(fed.requests([client], "query.boost", records))
+    result = fed.exchange(messages, label, retries=fed.config.federation.retries)
+    replies = {}
     for reply in result.replies:
         client = fed.client_of(reply)
         arrays = {k: v.numpy() for k, v in reply.content.array_records["boost"].items()}
+        metrics = reply.content.metric_records["metrics"]
+        d = fed.config.sketch.dim
+        gram, moment = arrays.get("gram"), arrays.get("moment")
+        if "residuals" not in arrays or not np.isfinite(arrays["residuals"]).all():
+            raise DataError(f"malformed boosting reply from '{client}': missing or non-finite residuals")
+        if ridge_statistics and (
+            gram is None
+            or moment is None
+            or gram.shape != (d, d)
+            or moment.shape != (d,)
+            or not (np.isfinite(gram).all() and np.isfinite(moment).all())
+        ):
+            raise DataError(f"malformed boosting reply from '{client}': no valid ridge statistics")
+        replies[client] = BoostReply(
+            arrays["residuals"], number(metrics, "loss"), int(number(metrics, "targets")), gram, moment
+        )
+    return replies, result
+
+
+def first_order_boost(
+    fed: Federation,
+    members: Sequence[str],
+    group: GroupAdapters,
+    sketches: Mapping[str, ClientSketch],
+    known: Mapping[str, BoostReply] | None = None,
+) -> tuple[AdapterState, Exchange | None]:
+    """A boosting adapter fit in sketch space: ridge regression of the residuals, lifted with P.
+
+    With the sketch phase's train features at hand (exact mode: same theta* and P), only
+    residuals are needed: those ``known`` from the group's last loss check (``query_boost``
+    under the same ensemble) are used as they are, so no exchange runs (the Exchange is
+    then None); otherwise clients are asked for them. In private mode clients send the
+    additive statistics G^T G and G^T r instead, and no per-sample feature leaves them.
+    """
+    config = fed.config
+    have = all(c in sketches for c in members)
+    result: Exchange | None = None
+    replies = dict(known or {})
+    if not have or any(c not in replies for c in members):
+        replies, result = query_boost(fed, {c: group for c in members}, "boost", ridge_statistics=not have)
+        if not replies:
+            raise DataError(f"no client of the group answered the boosting query: {result.failures[:2]}")
+    d = config.sketch.dim
+    gram, moment = np.zeros((d, d)), np.zeros(d)
+    for client in sorted(c for c in members if c in replies):
+        reply = replies[client]
         if have:
             features = sketches[client].rows("train")[1]
-            if len(features) != len(arrays["residuals"]):
+            if len(features) != len(reply.residuals):
                 raise DataError(
-                    f"boosting reply from '{client}': {len(arrays['residuals'])} residuals, {len(features)} samples"
+                    f"boosting reply from '{client}': {len(reply.residuals)} residuals, {len(features)} samples"
                 )
-            parts = ridge_statistics(features, arrays["residuals"])
+            parts = ridge_statistics(features, reply.residuals)
         else:
-            parts = (arrays.get("gram", np.zeros(0)), arrays.get("moment", np.zeros(0)))
-        if parts[0].shape != (d, d) or parts[1].shape != (d,) or not all(np.isfinite(x).all() for x in parts):
-            raise DataError(f"malformed boosting reply from '{client}'")
+            assert reply.gram is not None and reply.moment is not None
+            parts = (reply.gram, reply.moment)
         gram += parts[0]
         moment += parts[1]
     w = ridge_fit(gram, moment, config.boost.ridge)

@@ -50,6 +50,7 @@ from strategies.federation import Federation, discover, wait_for_nodes
 from strategies.ledger import Ledger
 from strategies.messaging import Exchange, console
 from strategies.phases import (
+    BoostReply,
     EnsembleEvaluation,
     GroupTraining,
     SketchPhase,
@@ -57,6 +58,7 @@ from strategies.phases import (
     first_order_boost,
     load_class,
     make_aggregation,
+    query_boost,
 )
 from strategies.secure_statistics import SecureStatistics
 
@@ -289,16 +291,19 @@ def _ensemble(snap: Snapshot, groups: Mapping[int, Sequence[str]]) -> dict[int, 
 
 def _group_losses(
     fed: Federation, groups: Mapping[int, Sequence[str]], ensemble: Mapping[int, GroupAdapters], label: str
-) -> tuple[dict[int, float], Exchange]:
-    """Each group's training loss under its current ensemble (its clients' targets pooled)."""
-    groups_of = {c: {g: ensemble[g]} for g, members in groups.items() for c in members}
-    per_client, result = EnsembleEvaluation(fed).run(label, "train", groups_of, {c: [1.0] for c in groups_of})
+) -> tuple[dict[int, float], dict[str, BoostReply], Exchange]:
+    """Each group's training loss under its current ensemble (its clients' targets pooled).
+
+    Asked with ``query.boost``, so the same replies carry each client's residuals under that
+    ensemble: the next first-order boosting step of a group needs no exchange of its own.
+    """
+    replies, result = query_boost(fed, {c: ensemble[g] for g, members in groups.items() for c in members}, label)
     losses = {}
     for g, members in groups.items():
-        rows = [per_client[c] for c in members if c in per_client]
-        total = sum(r["num-examples"] for r in rows)
-        losses[g] = sum(r["loss"] * r["num-examples"] for r in rows) / total if total else float("inf")
-    return losses, result
+        rows = [replies[c] for c in members if c in replies]
+        total = sum(r.targets for r in rows)
+        losses[g] = sum(r.loss * r.targets for r in rows) / total if total else float("inf")
+    return losses, replies, result
 
 
 def _boost(
@@ -310,8 +315,9 @@ def _boost(
     records: list[dict[str, Any]] = info.setdefault("boosts", [])
     if bc.steps == 0:
         return ensemble
+    known: dict[str, BoostReply] = {}  # residuals under each group's current ensemble, from the last loss check
     if "group_train_loss" not in info:
-        losses, initial = _group_losses(fed, {g: groups[g] for g in groups}, ensemble, "group train loss")
+        losses, known, initial = _group_losses(fed, {g: groups[g] for g in groups}, ensemble, "group train loss")
         info["group_train_loss"] = {str(g): v for g, v in losses.items()}
         run.log({"phase": "boost", "group_train_loss": info["group_train_loss"], **exchange_metrics(initial)})
         run.save()
@@ -324,7 +330,7 @@ def _boost(
         if bc.variant == "first-order":
             folder = run.dir / "sketches"
             sketches = {s.client_id: s for s in load_sketches(folder)} if folder.exists() else {}
-            adapter, result = first_order_boost(fed, groups[g], ensemble[g], sketches)
+            adapter, result = first_order_boost(fed, groups[g], ensemble[g], sketches, known)
         else:
 
             def log_round(rnd: int, new: dict[int, AdapterState], metrics: dict[str, Any], step: int = step) -> None:
@@ -341,12 +347,13 @@ def _boost(
             )
             adapter = trained[g]
         candidate = GroupAdapters(ensemble[g].base, [*ensemble[g].boosts, adapter])
-        after, check = _group_losses(fed, {g: groups[g]}, {g: candidate}, f"boost {step}: train loss")
+        after, checked, check = _group_losses(fed, {g: groups[g]}, {g: candidate}, f"boost {step}: train loss")
         kept = after[g] < losses[g]
         record = {"step": step, "group": g, "train_loss_before": losses[g], "train_loss_after": after[g], "kept": kept}
         run.log({"phase": "boost", **record, **exchange_metrics(result or check)})
         if kept:
             ensemble[g] = candidate
+            known.update(checked)
             t = len(candidate.boosts) - 1
             run.snapshot.adapters[f"boost-{g}-{t}"] = adapter
             save_peft_adapter(

@@ -135,6 +135,9 @@ def check_run_dir(run_dir: Path, clients: int, fraction: float) -> int:
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in metrics if line["phase"] == "train"]
     assert len(train) == 1 and train[0]["clients"] == sum(max(1, int(fraction * len(g))) for g in groups)
+    # First-order boosting reuses the residuals of the loss check: no residual exchange of its own.
+    exchanges = [line["exchange"] for line in metrics if line["phase"] == "boost"]
+    assert exchanges == ["group train loss", "boost 1: train loss"]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["num_clients"] == clients and len(report["clients"]) == clients
     assert all(np.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1 for r in report["clients"])
