@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from elora_fed.errors import ZeroGradientError
+from elora_fed.models import quantized_modules
 
 
 def describe_model(model: nn.Module) -> str:
     """The base model's name and precision as a user configured them, for error messages."""
     config = getattr(model, "config", None)
     name = getattr(config, "name_or_path", "") or type(model).__name__
-    if any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+    if quantized_modules(model):
         precision = "nf4"
     else:
         precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(next(model.parameters()).dtype, "?")

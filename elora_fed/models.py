@@ -208,6 +208,11 @@ def load_base_model(cfg: ModelConfig) -> PreTrainedModel:
     return model
 
 
+def quantized_modules(model: torch.nn.Module) -> list[str]:
+    """The names of a model's bitsandbytes (4-bit) layers; empty for a dense model."""
+    return [name for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+
+
 def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
     """Keep every bitsandbytes ``Linear4bit`` on its differentiable CPU kernel.
 

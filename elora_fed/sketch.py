@@ -36,6 +36,7 @@ from elora_fed.batches import Batch
 from elora_fed.compute import full_precision
 from elora_fed.errors import ConfigError
 from elora_fed.gradient_guard import check_gradients
+from elora_fed.models import quantized_modules
 from elora_fed.projection import JLProjector
 
 
@@ -81,6 +82,7 @@ class _LoraBCapture:
     def __init__(self, layers: list[tuple[str, nn.Linear]]) -> None:
         self.layers = layers
         self.inputs: dict[str, torch.Tensor] = {}
+        self.output_shapes: dict[str, torch.Size] = {}
         self.grads: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
@@ -95,7 +97,7 @@ class _LoraBCapture:
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def forward_hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             self.inputs[name] = args[0].detach()
-            self.grads[name] = torch.zeros_like(output, requires_grad=False)
+            self.output_shapes[name] = output.shape
             output.register_hook(lambda grad: None if grad is None else self.grads.__setitem__(name, grad.detach()))
 
         return forward_hook
@@ -103,11 +105,14 @@ class _LoraBCapture:
     @full_precision
     def per_sample(self, n: int) -> torch.Tensor:
         """(n, p): sum over positions of grad_out (x) input, per sample, flattened like the weights."""
-        parts = [
-            torch.einsum("bto,bti->boi", self.grads[name].float(), self.inputs[name].float()).reshape(n, -1)
-            for name, _ in self.layers
-        ]
+        parts = []
+        for name, _ in self.layers:
+            x = self.inputs[name].float()
+            grad = self.grads.get(name)
+            grad = torch.zeros(self.output_shapes[name], device=x.device) if grad is None else grad.float()
+            parts.append(torch.einsum("bto,bti->boi", grad, x).reshape(n, -1))
         self.inputs.clear()
+        self.output_shapes.clear()
         self.grads.clear()
         return torch.cat(parts, dim=1)
 
@@ -133,7 +138,7 @@ def _lora_b_gradients(
 
 
 def _vmap_gradients(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    quantized = [name for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+    quantized = quantized_modules(model)
     if quantized:
         raise ConfigError(
             f"per-sample gradients for this adapter type need a dense base model (fp32 or bf16): torch.func "
