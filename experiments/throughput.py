@@ -11,8 +11,9 @@ pipeline run is skipped on restart, so a killed benchmark continues where it sto
   training with and without autocast (``auto`` leaves nf4 alone), and evaluation batches.
 - ``pipeline``: the demo preset end to end through ``elora-fed run``: the code before
   this benchmark (commit ``BEFORE``, in its own ``git worktree``: fp32, 2 actors x 1 thread),
-  this checkout in fp32, the new default (``model.compute_dtype = auto``), and the default
-  with 1 actor x 2 threads (``federation.cpus_per_client = 2``).
+  the new default (``model.compute_dtype = auto``), and the default with 1 actor x 2
+  threads (``federation.cpus_per_client = 2``). The affinity matrices and groups of the
+  first two compare fp32 sketches with bf16 ones (the sketch code is the same in fp32).
 - ``overhead_epochs`` per pipeline run, from its own ``accounting.json``: EnsembleLoRA's
   FLOPs beyond what one-adapter FedAvg spends on the same run (sketch, boosting, weights,
   and the test's extra groups), over the FLOPs of one training epoch over every client's
@@ -63,7 +64,6 @@ PIPELINES: dict[str, tuple[str | None, dict[str, Any]]] = {
     "before": (BEFORE, {}),
     "default_2x1": (None, {}),
     "default_1x2": (None, {"federation.cpus_per_client": 2.0}),
-    "fp32_2x1": (None, {"model.compute_dtype": "fp32"}),
 }
 TRAIN_STEPS = 6
 PASS_SAMPLES = 48
@@ -232,6 +232,26 @@ def run_pipeline(name: str, commit: str | None, overrides: dict[str, Any]) -> di
     return summary
 
 
+def sketch_agreement(reference: str, other: str) -> dict[str, Any]:
+    """How far bf16 sketches move what they decide: the affinity matrices and groups of two demo runs."""
+    dirs = [max((RUNS / name).glob("pipeline-*"), key=lambda p: p.stat().st_mtime) for name in (reference, other)]
+    first, second = (np.load(d / "affinity.npy") for d in dirs)
+    off = ~np.eye(len(first), dtype=bool)
+    labels = []
+    for d in dirs:
+        grouping = json.loads((d / "groups.json").read_text())
+        by_client = dict(zip(grouping["clients"], grouping["labels"], strict=True))
+        labels.append(np.array([by_client[c] for c in sorted(by_client)]))
+    same = [np.equal.outer(lab, lab)[off] for lab in labels]
+    return {
+        "runs": [reference, other],
+        "affinity_correlation": float(np.corrcoef(first[off], second[off])[0, 1]),
+        "affinity_relative_difference": float(np.linalg.norm(first - second) / np.linalg.norm(first)),
+        "group_sizes": [sorted(np.bincount(lab).tolist(), reverse=True) for lab in labels],
+        "rand_index": float(np.mean(same[0] == same[1])),
+    }
+
+
 def overhead_epochs(
     accounting: dict[str, Any], clients: list[dict[str, Any]], report: dict[str, Any]
 ) -> dict[str, float]:
@@ -279,6 +299,7 @@ def main() -> None:
         runs = result["pipeline"]
         result["demo_speedup"] = runs["before"]["wall_s"] / runs["default_2x1"]["wall_s"]
         result["overhead_epochs"] = runs["default_2x1"]["overhead_epochs"]["total"]
+        result["sketch_agreement"] = sketch_agreement("before", "default_2x1")  # fp32 sketches against bf16
     RESULTS.mkdir(exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{args.out}.md").write_text(markdown(result))
@@ -327,17 +348,19 @@ def markdown(r: dict[str, Any]) -> str:
         ]
     if "pipeline" in r:
         runs = r["pipeline"]
-        phases = list(next(iter(runs.values()))["phase_seconds"])
+        phases = [
+            p for p in ("sketch", "groups", "train", "boost", "weights", "test") if p in runs["before"]["phase_seconds"]
+        ]
         lines += [
             "",
             "## The demo preset end to end (`elora-fed run --preset demo`, wall seconds per phase)",
             "",
-            "| run | " + " | ".join(phases) + " | wall | test loss (ensemble) | overhead epochs |",
-            "| --- | " + " | ".join("---" for _ in phases) + " | --- | --- | --- |",
+            "| run | commit | " + " | ".join(phases) + " | wall | test loss (ensemble) | overhead epochs |",
+            "| --- | --- | " + " | ".join("---" for _ in phases) + " | --- | --- | --- |",
         ]
         for name, s in runs.items():
             lines.append(
-                f"| {name} | "
+                f"| {name} | {s['commit']} | "
                 + " | ".join(f"{s['phase_seconds'].get(ph, 0):.1f}" for ph in phases)
                 + f" | {s['wall_s']:.1f} | {s['average']['ensemble']['test_loss']:.4f} | {s['overhead_epochs']['total']:.2f} |"
             )
@@ -348,6 +371,14 @@ def markdown(r: dict[str, Any]) -> str:
             + ".",
             "",
             f"demo_speedup = {r['demo_speedup']:.2f}x; overhead_epochs = {r['overhead_epochs']:.2f}.",
+        ]
+        agree = r["sketch_agreement"]
+        lines += [
+            "",
+            f"Sketches in bf16 against fp32 ({agree['runs'][0]} against {agree['runs'][1]}): affinity matrices "
+            f"correlated {agree['affinity_correlation']:.3f} (relative difference "
+            f"{agree['affinity_relative_difference']:.3f}); group sizes {agree['group_sizes'][0]} against "
+            f"{agree['group_sizes'][1]}, Rand index {agree['rand_index']:.3f} (1: the same groups).",
         ]
     return "\n".join(lines) + "\n"
 
