@@ -5,7 +5,9 @@ samples two ways: real (the model run with the group's adapters, per-sample mean
 first order from the run's own sketches, b + g~ . P^T (B - B*) (``elora_fed.first_order``),
 with no model pass. Reported:
 
-- the error of h per sample, and of its change from theta* (relative norm, correlation);
+- the error of h per sample, and of its change from theta* (relative norm, correlation),
+  and, as an ablation, the same with exact per-sample gradients instead of sketches (the
+  linearization alone, without the projection);
 - boosting's choice: each group's training loss, real (per target, the pipeline's
   criterion) against first order (per sample), and whether the chosen group agrees;
 - ensemble weights: fit on validation from real outputs against first-order outputs, both
@@ -26,16 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from elora_fed.adapters import adapter_state, attach_lora
+from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import client_batches
 from elora_fed.checkpoint import Checkpoint
 from elora_fed.client_sketch import load_sketches, sketch_setup
 from elora_fed.compute import compute_context, resolve_compute_dtype
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import GroupAdapters, Outputs, combine, fit_weights, group_outputs
+from elora_fed.ensemble import AdapterState, GroupAdapters, Outputs, combine, fit_weights, group_outputs
 from elora_fed.federated_data import load_clients
 from elora_fed.first_order import first_order_outputs, group_direction
 from elora_fed.models import load_base_model, load_tokenizer
+from elora_fed.sketch import per_sample_gradients
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,6 +57,16 @@ def ensemble_of(run_dir: Path) -> tuple[dict[str, int], dict[int, GroupAdapters]
         )
         ensemble[g] = GroupAdapters(snapshot.adapters[f"group-{g}"], [v for _, v in boosts])
     return group_of, ensemble
+
+
+def b_change(group: GroupAdapters, theta_star: AdapterState, eta: float) -> np.ndarray:
+    """The group's unprojected change of the lora_B coordinates, v_0 + eta * sum_t v_t, in gradient order."""
+
+    def change(state: AdapterState) -> np.ndarray:
+        names = [n for n in theta_star if ".lora_B." in n]
+        return torch.cat([(state[n] - theta_star[n]).double().reshape(-1) for n in names]).numpy()
+
+    return change(group.base) + eta * sum((change(t) for t in group.boosts), np.zeros_like(change(group.base)))
 
 
 def per_sample_loss(h: np.ndarray) -> float:
@@ -83,6 +96,8 @@ def main() -> None:
 
     real: dict[tuple[str, str, int], Outputs] = {}
     first: dict[tuple[str, str, int], np.ndarray] = {}
+    exact: dict[tuple[str, str, int], np.ndarray] = {}
+    exact_directions = {g: b_change(group, theta_star, eta) for g, group in ensemble.items()}
     base: dict[tuple[str, str], np.ndarray] = {}
     with compute_context(config.model):
         for n, (client_id, sketch) in enumerate(sorted(sketches.items())):
@@ -93,12 +108,16 @@ def main() -> None:
                         clients[client_id], split, config.sketch.batch_size, tokenizer.pad_token_id
                     )
                 ]
+                if split != "test":  # the ablation: exact per-sample gradients at theta*, no projection
+                    load_adapter_state(model, theta_star)
+                    grads = torch.cat([per_sample_gradients(model, b)[1] for b in batches]).double().numpy()
                 for g in groups:
                     real[(client_id, split, g)] = group_outputs(model, batches, ensemble[g], theta_star, eta)
                     if split != "test":
                         b, features = sketch.rows(split)
                         base[(client_id, split)] = b
                         first[(client_id, split, g)] = first_order_outputs(b, features, directions[g])
+                        exact[(client_id, split, g)] = first_order_outputs(b, grads, exact_directions[g])
             print(f"[first-order] {n + 1}/{len(sketches)} clients evaluated", flush=True)
 
     errors: dict[str, Any] = {}
@@ -107,8 +126,11 @@ def main() -> None:
         h = np.concatenate([real[k].per_sample().double().numpy() for k in keys])
         est = np.concatenate([first[k] for k in keys])
         b = np.concatenate([base[(k[0], split)] for k in keys])
+        unprojected = np.concatenate([exact[k] for k in keys])
         errors[split] = {
             "samples": len(h),
+            "exact_gradient_change_relative_error": float(np.linalg.norm(unprojected - h) / np.linalg.norm(h - b)),
+            "exact_gradient_change_correlation": float(np.corrcoef(unprojected - b, h - b)[0, 1]),
             "h_mean_abs_error": float(np.mean(np.abs(est - h))),
             "change_mean_abs": float(np.mean(np.abs(h - b))),
             "change_relative_error": float(np.linalg.norm(est - h) / np.linalg.norm(h - b)),
@@ -171,11 +193,13 @@ def main() -> None:
         f"Run: `{args.run_dir}`; real passes in {result['compute_dtype']}. Written by "
         "`experiments/first_order_evaluation.py`.",
         "",
-        "| split | samples x groups | h mean abs error | mean abs change of h | change rel. error | change correlation |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| split | samples x groups | h mean abs error | mean abs change of h | change rel. error | change correlation "
+        "| ablation, exact gradients: change rel. error | its correlation |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *[
             f"| {s} | {e['samples']} | {e['h_mean_abs_error']:.4f} | {e['change_mean_abs']:.4f} | "
-            f"{e['change_relative_error']:.3f} | {e['change_correlation']:.3f} |"
+            f"{e['change_relative_error']:.3f} | {e['change_correlation']:.3f} | "
+            f"{e['exact_gradient_change_relative_error']:.3f} | {e['exact_gradient_change_correlation']:.3f} |"
             for s, e in errors.items()
         ],
         "",
