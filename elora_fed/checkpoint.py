@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from elora_fed.ensemble import GroupAdapters
 from elora_fed.errors import DataError
 from elora_fed.paths import atomic_directory
 from elora_fed.run_dir import write_json
@@ -34,6 +36,17 @@ class Snapshot:
     info: dict[str, Any] = field(default_factory=dict)
     adapters: dict[str, AdapterState] = field(default_factory=dict)
     objects: dict[str, Any] = field(default_factory=dict)
+
+
+def group_ensembles(snapshot: Snapshot, groups: Iterable[int]) -> dict[int, GroupAdapters]:
+    """Each group's adapters as checkpointed: ``group-<g>``, then its ``boost-<g>-<t>`` in step order."""
+    ensemble = {}
+    for g in groups:
+        boosts = sorted(
+            (int(k.rsplit("-", 1)[1]), v) for k, v in snapshot.adapters.items() if k.startswith(f"boost-{g}-")
+        )
+        ensemble[g] = GroupAdapters(snapshot.adapters[f"group-{g}"], [v for _, v in boosts])
+    return ensemble
 
 
 class Checkpoint:

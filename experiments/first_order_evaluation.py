@@ -30,7 +30,7 @@ import torch
 
 from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import client_batches
-from elora_fed.checkpoint import Checkpoint
+from elora_fed.checkpoint import Checkpoint, group_ensembles
 from elora_fed.client_sketch import load_sketches, sketch_setup
 from elora_fed.compute import compute_context, resolve_compute_dtype
 from elora_fed.config import RunConfig
@@ -50,13 +50,7 @@ def ensemble_of(run_dir: Path) -> tuple[dict[str, int], dict[int, GroupAdapters]
     snapshot = Checkpoint(run_dir).load()
     if snapshot is None:
         raise SystemExit(f"{run_dir} has no checkpoint")
-    ensemble = {}
-    for g in sorted(set(group_of.values())):
-        boosts = sorted(
-            (int(k.rsplit("-", 1)[1]), v) for k, v in snapshot.adapters.items() if k.startswith(f"boost-{g}-")
-        )
-        ensemble[g] = GroupAdapters(snapshot.adapters[f"group-{g}"], [v for _, v in boosts])
-    return group_of, ensemble
+    return group_of, group_ensembles(snapshot, sorted(set(group_of.values())))
 
 
 def b_change(group: GroupAdapters, theta_star: AdapterState, eta: float) -> np.ndarray:

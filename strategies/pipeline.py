@@ -36,7 +36,7 @@ from flwr.serverapp import Grid
 from rich.table import Table
 
 from elora_fed.adapters import save_peft_adapter
-from elora_fed.checkpoint import Checkpoint, Snapshot
+from elora_fed.checkpoint import Checkpoint, Snapshot, group_ensembles
 from elora_fed.client_sketch import ClientSketch, load_sketches
 from elora_fed.clustering import canonical_labels
 from elora_fed.config import DataConfig, ModelConfig, RunConfig
@@ -155,7 +155,7 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
         fed.phase = "train"
         _train(run, fed, groups)
         run.complete("train", started)
-    ensemble = _ensemble(run.snapshot, groups)
+    ensemble = group_ensembles(run.snapshot, groups)
     if not run.done("boost"):
         started = time.perf_counter()
         fed.phase = "boost"
@@ -279,14 +279,6 @@ def _train(run: PipelineRun, fed: Federation, groups: dict[int, list[str]]) -> N
         snap.adapters[f"group-{g}"] = state
         save_peft_adapter(state, config.adapter, config.model.name, run.dir / "adapters" / f"group-{g}")
     snap.objects.pop("strategies", None)
-
-
-def _ensemble(snap: Snapshot, groups: Mapping[int, Sequence[str]]) -> dict[int, GroupAdapters]:
-    ensemble = {}
-    for g in groups:
-        boosts = sorted((int(k.rsplit("-", 1)[1]), v) for k, v in snap.adapters.items() if k.startswith(f"boost-{g}-"))
-        ensemble[g] = GroupAdapters(snap.adapters[f"group-{g}"], [v for _, v in boosts])
-    return ensemble
 
 
 def _group_losses(
