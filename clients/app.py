@@ -51,9 +51,9 @@ from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
 from elora_fed.ensemble import (
     AdapterState,
     GroupAdapters,
-    Outputs,
     adapter_outputs,
     combine,
+    evaluate_ensemble,
     fit_weights,
     group_outputs,
     residual_targets,
@@ -322,7 +322,8 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
 
     With ``fit-weights`` the weights are learned here first, on this same split (the server
     sends the validation split for that), and returned. The reply also holds each group's
-    own loss and accuracy, and with ``with-base`` those of theta* (no training).
+    own loss and accuracy, and with ``with-base`` those of theta* (no training). Accuracy is
+    top-1 (``elora_fed.ensemble``); the combination's is sent only for given weights.
     """
     node = node_for(content, context)
     with node.compute():
@@ -334,26 +335,34 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
         finetune = int(number(options, "finetune-steps", 0))
         if finetune > 0:
             groups = {g: _finetuned(node, group, finetune) for g, group in groups.items()}
-        outputs = [
-            group_outputs(node.model, batches, g, node.theta_star, node.config.boost.eta) for g in groups.values()
-        ]
-        if bool(options.get("fit-weights", False)):
-            ens = node.config.ensemble
-            weights = fit_weights(outputs, ens.weight_steps, ens.weight_lr)
-        else:
-            weights = np.asarray(options["weights"], dtype=np.float64)
-        combined: Outputs = combine(outputs, weights)
+        fit = bool(options.get("fit-weights", False))
+        given = None if fit else np.asarray(options["weights"], dtype=np.float64)
+        result = evaluate_ensemble(
+            node.model,
+            batches,
+            list(groups.values()),
+            node.theta_star,
+            node.config.boost.eta,
+            given,
+            with_base=bool(options.get("with-base", False)),
+        )
+        outputs = result.groups
         metrics: Metrics = {
-            "loss": combined.loss(),
-            "accuracy": combined.accuracy(),
-            "num-examples": combined.num_targets,
-            "weights": [float(w) for w in weights],
             "group-loss": [o.loss() for o in outputs],
             "group-accuracy": [o.accuracy() for o in outputs],
         }
-        if bool(options.get("with-base", False)):
-            base = adapter_outputs(node.model, batches, node.theta_star)
-            metrics.update({"base-loss": base.loss(), "base-accuracy": base.accuracy()})
+        if fit:  # weights learned on this split; their combination has no top-1 record (nor needs one)
+            ens = node.config.ensemble
+            weights = fit_weights(outputs, ens.weight_steps, ens.weight_lr)
+            combined = combine(outputs, weights)
+        else:
+            assert given is not None and result.combined is not None
+            weights, combined = given, result.combined
+            metrics["accuracy"] = combined.accuracy()
+        metrics.update({"loss": combined.loss(), "num-examples": combined.num_targets})
+        metrics["weights"] = [float(w) for w in weights]
+        if result.base is not None:
+            metrics.update({"base-loss": result.base.loss(), "base-accuracy": result.base.accuracy()})
         return RecordDict({"metrics": MetricRecord(metrics)})
 
 

@@ -20,7 +20,7 @@ import torch
 
 from elora_fed.classification import ClassificationSamples
 from elora_fed.lm_samples import ClientSamples
-from elora_fed.log_odds import label_log_odds, lm_log_odds, log_odds
+from elora_fed.log_odds import all_log_odds, label_log_odds, lm_log_odds, log_odds
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,25 @@ class Batch:
             return log_odds(logits[:, :-1], self.input_ids[:, 1:]), self.attention_mask[:, 1:].bool()
         h = self.outputs(logits).unsqueeze(1)
         return h, torch.ones_like(h, dtype=torch.bool)
+
+    def candidate_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index of each target among its candidates (n, P), and the mask of real targets.
+
+        Language modelling: candidates are the vocabulary, targets the next tokens.
+        Classification: candidates are the label words, the target is the label.
+        """
+        if self.labels is None:
+            return self.input_ids[:, 1:], self.attention_mask[:, 1:].bool()
+        return self.labels.unsqueeze(1), torch.ones((len(self), 1), dtype=torch.bool, device=self.labels.device)
+
+    def candidate_outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """h of every candidate at every target (n, P, K): gathered at ``candidate_targets``, ``position_outputs``'s h."""
+        if self.labels is None:
+            return all_log_odds(logits[:, :-1])
+        assert self.label_token_ids is not None
+        last = self.attention_mask.sum(1) - 1
+        rows = torch.arange(logits.shape[0], device=logits.device)
+        return all_log_odds(logits[rows, last][:, self.label_token_ids]).unsqueeze(1)
 
 
 def lm_batch(tokens: np.ndarray) -> Batch:

@@ -250,7 +250,9 @@ class TrainConfig:
     dotted path (``flwr.serverapp.strategy:FedAvg``, ``:FedProx``, ``:FedAdam``, or your own).
     ``proximal_mu`` is FedProx's mu (sent to clients by FedProx only). ``finetune_steps > 0``
     makes every client fine-tune its (single) group adapter locally for that many steps
-    before the test: the MTL-FT baseline (``strategies.baselines``).
+    before the test: the MTL-FT baseline (``strategies.baselines``). ``validation_every > 0``
+    evaluates every group's adapter on its clients' validation splits after every that many
+    rounds (and the last): the learning curve that a training budget is chosen from.
     """
 
     rounds: int = 3
@@ -261,9 +263,11 @@ class TrainConfig:
     aggregation: str = "flwr.serverapp.strategy:FedAvg"
     proximal_mu: float = 0.01
     finetune_steps: int = 0
+    validation_every: int = 0
 
     def validate(self) -> None:
         _check_range("train.rounds", self.rounds, low=0)
+        _check_range("train.validation_every", self.validation_every, low=0)
         _check_range("train.local_steps", self.local_steps, low=1)
         _check_range("train.lr", self.lr, low=0.0, inclusive_low=False)
         _check_range("train.batch_size", self.batch_size, low=1)

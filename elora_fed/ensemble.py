@@ -8,8 +8,11 @@ prediction is a weighted sum of the groups' outputs, with weights on the simplex
 on its validation split.
 
 Metrics, the same for single adapters and ensembles: the loss of a target is
-log(1 + exp(-h)) (for one model, exactly the cross-entropy -log p_y of that target), and
-a target counts as correct when p_y > 1/2, i.e. h > 0 (for two label words, the argmax).
+log(1 + exp(-h)) (for one model, exactly the cross-entropy -log p_y of that target).
+Accuracy is top-1: the target is correct when its h is the largest of all candidates'
+(every vocabulary token for next-token targets, the label words for classification),
+with each candidate's h combined exactly as the target's is (``evaluate_ensemble``). For
+one model that is the usual argmax of the logits, since h is increasing in p.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Outputs:
 
     h: torch.Tensor
     mask: torch.Tensor
+    top1: torch.Tensor | None = None  # (n, P) bool: the target has the largest h of all candidates
 
     def per_sample(self) -> torch.Tensor:
         """Each sample's mean h over its real targets: the h that sketches and boosting use."""
@@ -52,7 +56,10 @@ class Outputs:
         return float(torch.nn.functional.softplus(-self.h[self.mask]).mean())
 
     def accuracy(self) -> float:
-        return float((self.h[self.mask] > 0).float().mean())
+        """Top-1 accuracy over the real targets (needs ``top1``: outputs from ``evaluate_ensemble``)."""
+        if self.top1 is None:
+            raise ValueError("these outputs carry no top-1 record: compute them with evaluate_ensemble")
+        return float(self.top1[self.mask].float().mean())
 
     @property
     def num_targets(self) -> int:
@@ -90,6 +97,90 @@ def group_outputs(
     for boost in group.boosts:
         h += eta * (adapter_outputs(model, batches, boost).h - base)
     return Outputs(h, out.mask)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass over a split: each group's outputs, their weighted combination, and theta*'s."""
+
+    groups: list[Outputs]
+    combined: Outputs | None  # given weights
+    base: Outputs | None  # with_base
+
+
+@torch.no_grad()
+def evaluate_ensemble(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    groups: Sequence[GroupAdapters],
+    theta_star: AdapterState,
+    eta: float,
+    weights: np.ndarray | None = None,
+    with_base: bool = False,
+) -> Evaluation:
+    """Every group's outputs (as ``group_outputs``), combined with ``weights``, with top-1 records.
+
+    Top-1 needs every candidate's h combined before the argmax (the maximum of a weighted
+    sum is not the weighted sum of maxima), so each batch's per-candidate h of every
+    adapter is summed with the group's coefficients and the weights, then compared with
+    the target's. One forward per adapter and batch, as ``group_outputs`` does.
+    """
+    if weights is not None and len(weights) != len(groups):
+        raise ValueError(f"{len(groups)} groups but {len(weights)} weights")
+    device = next(model.parameters()).device
+    per_group: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in groups]
+    combined: list[tuple[torch.Tensor, torch.Tensor]] = []
+    base: list[tuple[torch.Tensor, torch.Tensor]] = []
+    masks = []
+    for batch in batches:
+        b = batch.to(device)
+        targets, mask = b.candidate_targets()
+        masks.append(mask.cpu())
+
+        def candidates(state: AdapterState, b: Batch = b) -> torch.Tensor:
+            load_adapter_state(model, state)
+            return b.candidate_outputs(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits)
+
+        star = candidates(theta_star) if with_base or any(g.boosts for g in groups) else None
+        if with_base:
+            assert star is not None
+            base.append(_target_and_top1(star, targets))
+        total = None
+        for i, group in enumerate(groups):
+            h = candidates(group.base)
+            for boost in group.boosts:
+                assert star is not None
+                h += eta * (candidates(boost) - star)
+            per_group[i].append(_target_and_top1(h, targets))
+            if weights is not None:
+                total = float(weights[i]) * h if total is None else total + float(weights[i]) * h
+        if total is not None:
+            combined.append(_target_and_top1(total, targets))
+    return Evaluation(
+        [_stack(rows, masks) for rows in per_group],
+        _stack(combined, masks) if weights is not None else None,
+        _stack(base, masks) if with_base else None,
+    )
+
+
+def _target_and_top1(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From h of every candidate (n, P, K): the target's h (n, P), and whether it is the largest."""
+    target_h = h.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    rival = h.scatter(-1, targets.unsqueeze(-1), float("-inf")).amax(-1)
+    return target_h.cpu(), (target_h > rival).cpu()
+
+
+def _stack(rows: Sequence[tuple[torch.Tensor, torch.Tensor]], masks: Sequence[torch.Tensor]) -> Outputs:
+    width = max(m.shape[1] for m in masks)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]))
+
+    return Outputs(
+        torch.cat([pad(h) for h, _ in rows]),
+        torch.cat([pad(m) for m in masks]),
+        torch.cat([pad(c) for _, c in rows]),
+    )
 
 
 def combine(outputs: Sequence[Outputs], weights: np.ndarray) -> Outputs:

@@ -21,6 +21,21 @@ def log_odds(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return correct - others
 
 
+def all_log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """h of every candidate over the last dimension (..., K), as if each were the target.
+
+    log(1 - p_k) is computed from log p_k, accurately for every k but the most likely one
+    (only it can have p near 1); that one is recomputed with ``log_odds``'s masking, so
+    every entry matches ``log_odds`` for that target.
+    """
+    logits = logits.float()
+    log_p = logits.log_softmax(-1)
+    log_not_p = torch.where(log_p > -0.6931, torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+    h = log_p - log_not_p
+    top = logits.argmax(-1)
+    return h.scatter(-1, top.unsqueeze(-1), log_odds(logits, top).unsqueeze(-1))
+
+
 def lm_log_odds(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per sample, the mean of h over its target positions (next tokens that are not padding)."""
     per_position = log_odds(logits[:, :-1], input_ids[:, 1:])

@@ -238,7 +238,7 @@ class EnsembleEvaluation:
         with_base: bool = False,
         finetune_steps: int = 0,
     ) -> tuple[dict[str, dict[str, Any]], Exchange]:
-        """Per client: ``loss``, ``accuracy``, ``num-examples``, ``weights`` on ``split``.
+        """Per client: ``loss``, ``num-examples``, ``weights`` and (given ``weights``) ``accuracy`` on ``split``.
 
         ``groups_of[client]`` are the groups the client combines; without ``weights`` each
         client learns its own on this split. Also per client: ``group_loss`` and
@@ -270,12 +270,13 @@ class EnsembleEvaluation:
                 raise DataError(f"malformed evaluate reply: weights {weights_reply!r}")
             row: dict[str, Any] = {
                 "loss": number(metrics, "loss"),
-                "accuracy": number(metrics, "accuracy"),
                 "num-examples": int(number(metrics, "num-examples")),
                 "weights": [float(w) for w in weights_reply],
                 "group_loss": [float(v) for v in metrics.get("group-loss", [])],  # type: ignore[union-attr]
                 "group_accuracy": [float(v) for v in metrics.get("group-accuracy", [])],  # type: ignore[union-attr]
             }
+            if "accuracy" in metrics:  # top-1 of the combination: sent for given weights only
+                row["accuracy"] = number(metrics, "accuracy")
             if with_base:
                 row["base_loss"] = number(metrics, "base-loss")
                 row["base_accuracy"] = number(metrics, "base-accuracy")

@@ -265,12 +265,21 @@ def _train(run: PipelineRun, fed: Federation, groups: dict[int, list[str]]) -> N
     config, snap = run.config, run.snapshot
     arrays = {g: snap.adapters.get(f"group-{g}", fed.theta_star) for g in groups}
     strategies = snap.objects.get("strategies") or {g: make_aggregation(config) for g in groups}
+    every = config.train.validation_every
 
     def on_round(rnd: int, new: dict[int, AdapterState], metrics: dict[str, Any]) -> None:
         snap.adapters.update({f"group-{g}": state for g, state in new.items()})
         snap.objects["strategies"] = strategies
         run.info["train_round"] = rnd
-        run.log({"phase": "train", **metrics})
+        record = {"phase": "train", **metrics}
+        if every and (rnd % every == 0 or rnd == config.train.rounds):
+            own = {c: {g: GroupAdapters(new[g])} for g, members in groups.items() for c in members}
+            per_client, _ = EnsembleEvaluation(fed).run(
+                f"round {rnd}: validation", "validation", own, {c: [1.0] for c in own}
+            )
+            record.update(validation_loss=_mean(per_client, "loss"), validation_accuracy=_mean(per_client, "accuracy"))
+            console.log(f"round {rnd}: validation loss {record['validation_loss']:.4f}")
+        run.log(record)
         run.save()
 
     first = int(run.info.get("train_round", 0)) + 1
@@ -436,7 +445,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"# EnsembleLoRA run: {report['num_clients']} clients, {report['num_groups']} groups",
         "",
         "Test loss is log(1 + exp(-h)) per target (the next-token cross-entropy for LM clients), "
-        "averaged per client and then over clients; accuracy is the share of targets with p > 1/2.",
+        "averaged per client and then over clients; accuracy is top-1 (the target has the largest "
+        "combined h of all tokens; for one model, the argmax of the logits).",
         "",
         "| model | test loss | test accuracy |",
         "| --- | --- | --- |",

@@ -12,6 +12,7 @@ from elora_fed.ensemble import (
     Outputs,
     adapter_outputs,
     combine,
+    evaluate_ensemble,
     fit_weights,
     group_outputs,
     lift,
@@ -79,7 +80,9 @@ def test_weights_favour_the_better_group_and_combine_on_the_simplex():
     weights = fit_weights([bad, good], steps=200, lr=0.1)
     assert weights.sum() == pytest.approx(1.0) and weights[1] > 0.9
     combined = combine([bad, good], weights)
-    assert combined.loss() < bad.loss() and combined.accuracy() == 1.0
+    assert combined.loss() < bad.loss()
+    with pytest.raises(ValueError, match="top-1"):
+        combined.accuracy()  # h alone says nothing about the other candidates
     assert fit_weights([good]).tolist() == [1.0]
 
 
@@ -91,3 +94,29 @@ def test_residuals_and_ridge_fit():
     gram, moment = (sum(parts) for parts in zip(*halves, strict=True))  # additive over clients
     np.testing.assert_allclose(ridge_fit(gram, moment, ridge=1e-8), w, rtol=1e-5)
     assert np.linalg.norm(ridge_fit(gram, moment, ridge=1e4)) < 0.1 * np.linalg.norm(w)  # ridge shrinks
+
+
+def test_one_pass_evaluation_matches_group_outputs_and_brute_force_top1(model, batches):
+    theta_star = adapter_state(model)
+    gen = torch.Generator().manual_seed(1)
+    shifted = [{k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in theta_star.items()} for _ in range(3)]
+    groups = [GroupAdapters(shifted[0], [shifted[1]]), GroupAdapters(shifted[2])]
+    weights = np.array([0.3, 0.7])
+    result = evaluate_ensemble(model, batches, groups, theta_star, 0.5, weights, with_base=True)
+    for group, out in zip(groups, result.groups, strict=True):
+        torch.testing.assert_close(out.h, group_outputs(model, batches, group, theta_star, 0.5).h, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(result.combined.h, combine(result.groups, weights).h)
+
+    def candidate_h(state):
+        load_adapter_state(model, state)
+        return torch.cat([b.candidate_outputs(model(input_ids=b.input_ids).logits) for b in batches])
+
+    star, *h = (candidate_h(s) for s in [theta_star, *shifted])
+    targets = torch.cat([b.input_ids[:, 1:] for b in batches])
+    total = 0.3 * (h[0] + 0.5 * (h[1] - star)) + 0.7 * h[2]
+    assert torch.equal(result.combined.top1, total.argmax(-1) == targets)
+    assert torch.equal(result.groups[1].top1, h[2].argmax(-1) == targets)
+    load_adapter_state(model, theta_star)
+    logits = torch.cat([model(input_ids=b.input_ids).logits[:, :-1] for b in batches])
+    assert torch.equal(result.base.top1, logits.argmax(-1) == targets)  # one model: the usual top-1
+    assert result.base.loss() == pytest.approx(adapter_outputs(model, batches, theta_star).loss(), rel=1e-5)

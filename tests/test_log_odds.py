@@ -3,7 +3,7 @@ import math
 import torch
 
 from elora_fed.batches import Batch
-from elora_fed.log_odds import label_log_odds, lm_log_odds, log_odds
+from elora_fed.log_odds import all_log_odds, label_log_odds, lm_log_odds, log_odds
 
 
 def test_log_odds_is_log_p_over_one_minus_p():
@@ -22,6 +22,18 @@ def test_log_odds_stays_finite_where_p_rounds_to_one():
     h = log_odds(logits, torch.tensor([3]))
     assert torch.isfinite(h).all()
     assert math.isclose(h.item(), 120.0 - math.log(49), rel_tol=1e-6)
+
+
+def test_all_log_odds_matches_log_odds_for_every_candidate_even_a_certain_one():
+    logits = torch.randn(3, 6, 40) * 4
+    logits[0, 2, 7] = 120.0  # p = 1 in float32: the argmax is the one recomputed exactly
+    every = all_log_odds(logits)
+    for k in range(40):
+        expected = log_odds(logits, torch.full((3, 6), k))
+        torch.testing.assert_close(every[..., k], expected, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(every).all()
+    # h increases with p: its argmax is the logits' argmax
+    assert torch.equal(every.argmax(-1), logits.argmax(-1))
 
 
 def test_lm_log_odds_averages_only_real_target_positions():

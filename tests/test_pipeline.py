@@ -195,9 +195,10 @@ def test_a_run_killed_after_grouping_resumes_to_the_uninterrupted_result(tmp_pat
     assert phases.count("sketch") == 1 and phases.count("train") == 3  # nothing logged twice
 
 
-def test_custom_clustering_fedadam_and_trained_boosting(tmp_path):
+def test_custom_clustering_fedadam_trained_boosting_and_a_validation_curve(tmp_path):
     settings = {
         **TINY,
+        "train.validation_every": 1,
         "strategies.clustering": f"{REPO}/experiments/custom_strategy.py:PlayClustering",
         "train.aggregation": "flwr.serverapp.strategy:FedAdam",
         "boost.variant": "trained",
@@ -208,8 +209,11 @@ def test_custom_clustering_fedadam_and_trained_boosting(tmp_path):
     groups = json.loads((run_dir / "groups.json").read_text())
     plays = [sorted({c.split(":")[0] for c in g}) for g in groups["groups"]]
     assert all(len(p) == 1 for p in plays) and len({p[0] for p in plays}) == len(plays)  # one group per play
-    phases = [json.loads(line)["phase"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert "boost-train" in phases
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "boost-train" in [m["phase"] for m in metrics]
+    curve = [m for m in metrics if m["phase"] == "train"]
+    assert len(curve) == 2 and all(np.isfinite(m["validation_loss"]) for m in curve)
+    assert all(0 <= m["validation_accuracy"] <= 1 for m in curve)
 
 
 def test_classification_clients_private_affinity_and_fedprox(tmp_path):
