@@ -33,27 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from strategies.baselines import METHODS, method_settings
+
 RESULTS = Path(__file__).resolve().parent / "results"
-ONE_GROUP = "strategies.baselines:OneGroup"
-
-
-def method_settings(method: str, finetune_steps: int, m: int | None) -> dict[str, Any]:
-    if method == "ensemble":
-        return {}
-    if method == "qlora":
-        return {"strategies.clustering": ONE_GROUP, "boost.steps": 0}
-    if method == "mtl-ft":
-        return {"strategies.clustering": ONE_GROUP, "boost.steps": 0, "train.finetune_steps": finetune_steps}
-    if method == "cosine":
-        return {"affinity.mode": "gradient-cosine"}
-    if method == "random":
-        return {"strategies.clustering": "strategies.baselines:RandomGroups", "clustering.num_groups": m or 2}
-    if method == "local":
-        return {"strategies.clustering": "strategies.baselines:OneGroupPerClient", "boost.steps": 0}
-    raise ValueError(method)
-
-
-METHODS = ("ensemble", "qlora", "mtl-ft", "cosine", "random", "local")
 
 
 def run_one(settings: dict[str, Any], out: Path, log: Path) -> Path:

@@ -12,16 +12,47 @@ pipeline skips the sketch and affinity phases for them, so their cost is not cou
 - ``RandomGroups``: ``clustering.num_groups`` random groups of near-equal size (seeded).
 - Grouping by gradient cosine similarity is ``affinity.mode = "gradient-cosine"`` with the
   default clustering.
+
+``method_settings`` names each method's config overrides, for experiments that compare them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError
+
+METHODS = ("ensemble", "qlora", "mtl-ft", "cosine", "random", "local")
+
+
+def method_settings(method: str, finetune_steps: int = 0, num_groups: int | None = None) -> dict[str, Any]:
+    """The overrides that turn the default (EnsembleLoRA) run into ``method``.
+
+    ``qlora``: one adapter; ``mtl-ft``: it, fine-tuned ``finetune_steps`` locally; ``cosine``:
+    gradient-cosine groups; ``random``: ``num_groups`` random groups (EnsembleLoRA's m, for a
+    like-for-like comparison); ``local``: one adapter per client. Baselines with one adapter
+    per group boost nothing (``boost.steps = 0``): boosting is part of EnsembleLoRA.
+    """
+    one = {"strategies.clustering": "strategies.baselines:OneGroup", "boost.steps": 0}
+    table: dict[str, dict[str, Any]] = {
+        "ensemble": {},
+        "qlora": one,
+        "mtl-ft": {**one, "train.finetune_steps": finetune_steps},
+        "cosine": {"affinity.mode": "gradient-cosine"},
+        "random": {"strategies.clustering": "strategies.baselines:RandomGroups", "clustering.num_groups": num_groups},
+        "local": {"strategies.clustering": "strategies.baselines:OneGroupPerClient", "boost.steps": 0},
+    }
+    if method not in table:
+        raise ConfigError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    if method == "random" and not num_groups:
+        raise ConfigError("the random-groups baseline needs num_groups (EnsembleLoRA's m)")
+    if method == "mtl-ft" and finetune_steps < 1:
+        raise ConfigError("MTL-FT needs finetune_steps >= 1")
+    return dict(table[method])
 
 
 class OneGroup:
