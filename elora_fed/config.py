@@ -252,7 +252,9 @@ class TrainConfig:
     makes every client fine-tune its (single) group adapter locally for that many steps
     before the test: the MTL-FT baseline (``strategies.baselines``). ``validation_every > 0``
     evaluates every group's adapter on its clients' validation splits after every that many
-    rounds (and the last): the learning curve that a training budget is chosen from.
+    rounds (and the last): the learning curve that a training budget is chosen from. With
+    ``patience > 0`` as well, training stops once that many evaluations in a row bring no
+    lower mean validation loss (the adapters are the last round's).
     """
 
     rounds: int = 3
@@ -264,10 +266,14 @@ class TrainConfig:
     proximal_mu: float = 0.01
     finetune_steps: int = 0
     validation_every: int = 0
+    patience: int = 0
 
     def validate(self) -> None:
         _check_range("train.rounds", self.rounds, low=0)
         _check_range("train.validation_every", self.validation_every, low=0)
+        _check_range("train.patience", self.patience, low=0)
+        if self.patience and not self.validation_every:
+            raise ConfigError("train.patience needs train.validation_every > 0: it counts validation evaluations")
         _check_range("train.local_steps", self.local_steps, low=1)
         _check_range("train.lr", self.lr, low=0.0, inclusive_low=False)
         _check_range("train.batch_size", self.batch_size, low=1)

@@ -7,8 +7,9 @@ local epoch).
 
 Stages, each resumable (a finished run is skipped; an interrupted one continues from its
 pipeline checkpoint with ``elora-fed run --resume``):
-1. ``curve``: the one-adapter baseline trained ``CURVE_ROUNDS`` rounds at each learning
-   rate of ``CURVE_LRS``, with validation loss after every round. The budget for every
+1. ``curve``: the one-adapter baseline trained up to ``CURVE_ROUNDS`` rounds at each
+   learning rate of ``CURVE_LRS``, with validation loss after every round, stopped after
+   ``CURVE_PATIENCE`` rounds without a new lowest. The budget for every
    method is the learning rate with the lowest validation loss, and the earliest round
    within ``PLATEAU_TOLERANCE`` (relative) of that curve's minimum: where validation loss
    stops improving. Test data plays no part in the choice.
@@ -49,7 +50,8 @@ PROTOCOL: dict[str, Any] = {
     "train.batch_size": 8,
 }
 CURVE_LRS = (0.002, 0.005)
-CURVE_ROUNDS = 12
+CURVE_ROUNDS = 16
+CURVE_PATIENCE = 2  # the curve stops after 2 rounds without a lower validation loss
 PLATEAU_TOLERANCE = 0.0025
 FINETUNE_STEPS = 10  # MTL-FT's local steps per client (2 local epochs); fixed, not tuned
 CORE = ("ensemble", "qlora", "random")
@@ -154,6 +156,7 @@ def curve_stage(results: Path, work: Path, rounds: int) -> dict[str, Any]:
             "train.lr": lr,
             "train.rounds": rounds,
             "train.validation_every": 1,
+            "train.patience": CURVE_PATIENCE,
         }
         curves[lr] = execute(results, work, f"curve-lr{lr}", settings)["curve"]
     return choose_budget(curves)

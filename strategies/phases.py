@@ -149,7 +149,8 @@ def make_aggregation(config: RunConfig) -> Strategy:
     return cls(**{k: v for k, v in options.items() if k in accepted})
 
 
-RoundCallback = Callable[[int, dict[int, AdapterState], dict[str, Any]], None]
+RoundCallback = Callable[[int, dict[int, AdapterState], dict[str, Any]], bool | None]
+"""(round, adapters, metrics) after every round; returning True stops training there."""
 
 
 @dataclass
@@ -159,7 +160,8 @@ class GroupTraining:
     In each round every group's strategy picks its clients (seeded by run seed, label, group
     and round) and builds its messages; all groups' messages go out in one exchange, and
     each group's replies, sorted by client, go back to its own strategy to aggregate.
-    ``on_round`` is called after every round with the new adapters and the round's metrics.
+    ``on_round`` is called after every round with the new adapters and the round's metrics;
+    when it returns True, training stops after that round.
     """
 
     fed: Federation
@@ -215,7 +217,8 @@ class GroupTraining:
             if rejected:
                 console.log(f"{self.label} round {rnd}: rejected updates {dict(rejected)}")
             round_metrics = {"round": rnd, "train_loss": losses, "rejected": dict(rejected)}
-            on_round(rnd, arrays, {**round_metrics, **exchange_metrics(result)})
+            if on_round(rnd, arrays, {**round_metrics, **exchange_metrics(result)}):
+                break
         return arrays
 
 

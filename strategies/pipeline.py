@@ -265,9 +265,9 @@ def _train(run: PipelineRun, fed: Federation, groups: dict[int, list[str]]) -> N
     config, snap = run.config, run.snapshot
     arrays = {g: snap.adapters.get(f"group-{g}", fed.theta_star) for g in groups}
     strategies = snap.objects.get("strategies") or {g: make_aggregation(config) for g in groups}
-    every = config.train.validation_every
+    every, patience = config.train.validation_every, config.train.patience
 
-    def on_round(rnd: int, new: dict[int, AdapterState], metrics: dict[str, Any]) -> None:
+    def on_round(rnd: int, new: dict[int, AdapterState], metrics: dict[str, Any]) -> bool:
         snap.adapters.update({f"group-{g}": state for g, state in new.items()})
         snap.objects["strategies"] = strategies
         run.info["train_round"] = rnd
@@ -277,13 +277,21 @@ def _train(run: PipelineRun, fed: Federation, groups: dict[int, list[str]]) -> N
             per_client, _ = EnsembleEvaluation(fed).run(
                 f"round {rnd}: validation", "validation", own, {c: [1.0] for c in own}
             )
-            record.update(validation_loss=_mean(per_client, "loss"), validation_accuracy=_mean(per_client, "accuracy"))
-            console.log(f"round {rnd}: validation loss {record['validation_loss']:.4f}")
+            loss = _mean(per_client, "loss")
+            record.update(validation_loss=loss, validation_accuracy=_mean(per_client, "accuracy"))
+            best = run.info.setdefault("validation_best", [loss, 0])  # [lowest loss, evaluations since]
+            best[:] = [loss, 0] if loss < best[0] else [best[0], best[1] + 1]
+            console.log(f"round {rnd}: validation loss {loss:.4f} (best {best[0]:.4f})")
+            if patience and best[1] >= patience:
+                run.info["train_stopped"] = rnd
+                console.log(f"training stops at round {rnd}: no better validation loss in {patience} evaluations")
         run.log(record)
         run.save()
+        return "train_stopped" in run.info
 
     first = int(run.info.get("train_round", 0)) + 1
-    arrays = GroupTraining(fed, "train").run(groups, arrays, strategies, first, config.train.rounds, on_round)
+    last = int(run.info.get("train_stopped", config.train.rounds))
+    arrays = GroupTraining(fed, "train").run(groups, arrays, strategies, first, last, on_round)
     for g, state in arrays.items():
         snap.adapters[f"group-{g}"] = state
         save_peft_adapter(state, config.adapter, config.model.name, run.dir / "adapters" / f"group-{g}")

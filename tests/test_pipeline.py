@@ -199,6 +199,8 @@ def test_custom_clustering_fedadam_trained_boosting_and_a_validation_curve(tmp_p
     settings = {
         **TINY,
         "train.validation_every": 1,
+        "train.patience": 1,
+        "train.rounds": 4,
         "strategies.clustering": f"{REPO}/experiments/custom_strategy.py:PlayClustering",
         "train.aggregation": "flwr.serverapp.strategy:FedAdam",
         "boost.variant": "trained",
@@ -212,8 +214,11 @@ def test_custom_clustering_fedadam_trained_boosting_and_a_validation_curve(tmp_p
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert "boost-train" in [m["phase"] for m in metrics]
     curve = [m for m in metrics if m["phase"] == "train"]
-    assert len(curve) == 2 and all(np.isfinite(m["validation_loss"]) for m in curve)
-    assert all(0 <= m["validation_accuracy"] <= 1 for m in curve)
+    assert all(np.isfinite(m["validation_loss"]) and 0 <= m["validation_accuracy"] <= 1 for m in curve)
+    # patience 1: training ran until the first round whose validation loss was not a new best
+    losses = [m["validation_loss"] for m in curve]
+    first_worse = next((r for r in range(1, len(losses)) if losses[r] >= min(losses[:r])), None)
+    assert len(curve) == (4 if first_worse is None else first_worse + 1)
 
 
 def test_classification_clients_private_affinity_and_fedprox(tmp_path):

@@ -1,0 +1,69 @@
+"""The converged-budget experiment's decisions: the budget rule, the run order, paired intervals."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from elora_fed.errors import ConfigError
+from strategies.baselines import method_settings
+
+SPEC = importlib.util.spec_from_file_location(
+    "shakespeare_converged", Path(__file__).resolve().parents[1] / "experiments" / "shakespeare_converged.py"
+)
+assert SPEC is not None and SPEC.loader is not None
+runner = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(runner)
+
+
+def curve(losses):
+    return [{"round": r, "validation_loss": v, "train_loss": v} for r, v in enumerate(losses, start=1)]
+
+
+def test_the_budget_is_the_best_learning_rate_where_its_validation_loss_stops_improving():
+    curves = {0.002: curve([4.0, 3.8, 3.695, 3.69, 3.689, 3.70]), 0.005: curve([3.9, 3.75, 3.72, 3.75, 3.8, 3.9])}
+    budget = runner.choose_budget(curves)
+    assert budget["lr"] == 0.002
+    assert budget["rounds"] == 3  # 3.695 is within 0.25% of the minimum 3.689
+    assert budget["plateau_reached"]
+    still_falling = runner.choose_budget({0.002: curve([4.0, 3.5, 3.0])})
+    assert still_falling["rounds"] == 3 and not still_falling["plateau_reached"]
+
+
+def test_random_groups_and_the_compute_matched_baseline_wait_for_the_runs_they_depend_on():
+    budget = {"lr": 0.002, "rounds": 4}
+    assert runner.settings_for("random", 0, "bf16", budget, {}) is None
+    ensemble = {"num_groups": 3, "phases": {"sketch": {"flops": 30.0}, "train": {"flops": 100.0}, "test": {"flops": 9}}}
+    one = {"phases": {"train": {"flops": 100.0}, "test": {"flops": 9}}}
+    done = {"ensemble-seed0": ensemble, "qlora-seed0": one}
+    assert runner.settings_for("random", 0, "bf16", budget, done)["clustering.num_groups"] == 3
+    matched = runner.settings_for("qlora-matched", 0, "bf16", budget, done)
+    assert matched["train.rounds"] == 4 + 2  # 30 extra FLOPs at 25 per round
+    assert runner.settings_for("qlora", 0, "nf4", budget, {})["model.precision"] == "nf4"
+    order = runner.plan([0, 1])
+    assert order[:3] == [("ensemble", 0, "bf16"), ("qlora", 0, "bf16"), ("random", 0, "bf16")]
+    assert order[-1] == ("qlora", 0, "nf4")
+
+
+def test_paired_differences_average_over_shared_seeds_and_the_interval_covers_the_mean():
+    def run(seed, losses):
+        return {"settings": {"seed": seed}, "clients": [{"client_id": c, "test_loss": v} for c, v in losses.items()]}
+
+    a = [run(0, {"x": 1.0, "y": 2.0}), run(1, {"x": 1.2, "y": 2.2})]
+    b = [run(0, {"x": 1.5, "y": 2.1}), run(2, {"x": 9.0, "y": 9.0})]
+    diff = runner.per_client_difference(a, b)  # seed 0 only
+    np.testing.assert_allclose(diff, [-0.5, -0.1])
+    rng = np.random.default_rng(0)
+    many = rng.normal(-0.2, 0.1, size=200)
+    low, high = runner.bootstrap_interval(many)
+    assert low < many.mean() < high and high < 0
+
+
+def test_method_settings_name_every_baseline_and_reject_bad_ones():
+    assert method_settings("qlora")["strategies.clustering"] == "strategies.baselines:OneGroup"
+    assert method_settings("mtl-ft", finetune_steps=3)["train.finetune_steps"] == 3
+    with pytest.raises(ConfigError, match="num_groups"):
+        method_settings("random")
+    with pytest.raises(ConfigError, match="unknown method"):
+        method_settings("best")
