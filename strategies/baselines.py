@@ -68,9 +68,14 @@ class OneGroup:
 
 
 class OneGroupPerClient:
-    """Each client alone: local training only (FedAvg over one client is its local update)."""
+    """Each client alone: local training only (FedAvg over one client is its local update).
+
+    ``own_group_only``: a client's prediction is its own adapter, so the pipeline learns no
+    weights over the other clients' adapters and does not evaluate them.
+    """
 
     needs_affinity = False
+    own_group_only = True
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config

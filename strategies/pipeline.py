@@ -164,14 +164,16 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
     if not run.done("weights"):
         started = time.perf_counter()
         fed.phase = "weights"
+        own = {c: g for g, members in groups.items() for c in members}
+        fallback = {c: [float(g == own[c]) for g in ensemble] for c in fed.client_ids}
         if len(ensemble) == 1:  # one group: nothing to weigh
             run.info["weights"] = {c: [1.0] for c in fed.client_ids}
+        elif getattr(load_class(config.strategies.clustering, "strategies.clustering"), "own_group_only", False):
+            run.info["weights"] = fallback  # each client's own adapter (local training): nothing to learn
         else:
             per_client, result = EnsembleEvaluation(fed).run(
                 "ensemble weights", "validation", {c: ensemble for c in fed.client_ids}
             )
-            own = {c: g for g, members in groups.items() for c in members}
-            fallback = {c: [float(g == own[c]) for g in ensemble] for c in fed.client_ids}
             run.info["weights"] = {c: per_client[c]["weights"] if c in per_client else fallback[c] for c in fallback}
             run.log({"phase": "weights", "validation_loss": _mean(per_client, "loss"), **exchange_metrics(result)})
         write_json(run.dir / "ensemble_weights.json", {"groups": sorted(groups), "weights": run.info["weights"]})
@@ -279,7 +281,7 @@ def _train(run: PipelineRun, fed: Federation, groups: dict[int, list[str]]) -> N
             )
             loss = _mean(per_client, "loss")
             record.update(validation_loss=loss, validation_accuracy=_mean(per_client, "accuracy"))
-            best = run.info.setdefault("validation_best", [loss, 0])  # [lowest loss, evaluations since]
+            best = run.info.setdefault("validation_best", [float("inf"), 0])  # [lowest loss, evaluations since]
             best[:] = [loss, 0] if loss < best[0] else [best[0], best[1] + 1]
             console.log(f"round {rnd}: validation loss {loss:.4f} (best {best[0]:.4f})")
             if patience and best[1] >= patience:
@@ -393,13 +395,23 @@ def _final_report(
         raise ConfigError(
             "train.finetune_steps (MTL-FT) needs a single group: strategies.clustering = 'strategies.baselines:OneGroup'"
         )
-    test, result = EnsembleEvaluation(fed).run(
-        "test", "test", {c: ensemble for c in clients}, weights, with_base=True, finetune_steps=finetune
-    )
     group_of = {c: g for g, members in groups.items() for c in members}
-    position = {g: i for i, g in enumerate(ensemble)}
+    # Each client evaluates the groups it weighs and its own: a group of weight exactly 0
+    # changes nothing in its prediction, and evaluating it would cost a pass per group.
+    sent = {c: [g for g, w in zip(ensemble, weights[c], strict=True) if w != 0 or g == group_of[c]] for c in clients}
+    test, result = EnsembleEvaluation(fed).run(
+        "test",
+        "test",
+        {c: {g: ensemble[g] for g in sent[c]} for c in clients},
+        {c: [w for g, w in zip(ensemble, weights[c], strict=True) if g in sent[c]] for c in clients},
+        with_base=True,
+        finetune_steps=finetune,
+    )
     own = {
-        c: {"loss": r["group_loss"][position[group_of[c]]], "accuracy": r["group_accuracy"][position[group_of[c]]]}
+        c: {
+            "loss": r["group_loss"][sent[c].index(group_of[c])],
+            "accuracy": r["group_accuracy"][sent[c].index(group_of[c])],
+        }
         for c, r in test.items()
     }
     base = {c: {"loss": r["base_loss"], "accuracy": r["base_accuracy"]} for c, r in test.items()}

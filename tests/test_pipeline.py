@@ -274,3 +274,20 @@ def test_mtl_ft_baseline_skips_sketching_and_books_its_costs(tmp_path):
     assert 0 < phases["test"]["tokens"]["backward"] <= 6 * 3 * 8 * 16  # clients x steps x batch x positions
     assert accounting["total"]["bytes_sent"] > 0 and accounting["total"]["peak_client_rss_bytes"] > 0
     assert set(accounting["bytes_per_client"]) == {c["client_id"] for c in report["clients"]}
+
+
+def test_local_training_evaluates_each_clients_own_adapter_only(tmp_path):
+    settings = {**TINY, "strategies.clustering": "strategies.baselines:OneGroupPerClient", "boost.steps": 0}
+    run(cli("run", settings=settings), tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["num_groups"] == 6
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [m for m in metrics if m["phase"] == "weights"]  # no weights learned over other clients' adapters
+    for row in report["clients"]:
+        assert row["weights"][str(row["group"])] == 1.0 and sum(row["weights"].values()) == 1.0
+        assert row["test_loss"] == pytest.approx(row["own_group_test_loss"], rel=1e-6)
+    # each test request carried one adapter, not six: a sixth of the one-group-per-client bytes
+    sent = json.loads((run_dir / "accounting.json").read_text())["phases"]["test"]["bytes"]["sent"]
+    train = json.loads((run_dir / "accounting.json").read_text())["phases"]["train"]
+    assert sent < 1.5 * train["bytes"]["sent"] / train["messages"] * 6
