@@ -107,6 +107,43 @@ def task_affinity(estimates: SubsetEstimates, singles: np.ndarray, n: int) -> np
     return affinity
 
 
+def task_offsets(affinity: np.ndarray) -> tuple[float, np.ndarray]:
+    """Least-squares main effects of a symmetric affinity off its diagonal: A_ij ~ mu + r_i + r_j.
+
+    r_i is how much task i gains (or loses) from every partner alike: a property of i, not
+    of the pair. Closed form (with sum r = 0): mu is the off-diagonal mean and
+    r_i = (s_i - (n - 1) mu) / (n - 2), s_i being row i's off-diagonal sum.
+    """
+    a = np.asarray(affinity, dtype=np.float64)
+    n = a.shape[0]
+    if a.shape != (n, n) or n < 3:
+        raise DataError(f"task offsets need a square affinity of at least 3 tasks, got shape {a.shape}")
+    off = ~np.eye(n, dtype=bool)
+    mu = float(a[off].mean())
+    rows = np.where(off, a, 0.0).sum(1)
+    return mu, (rows - (n - 1) * mu) / (n - 2)
+
+
+def remove_offsets(affinity: np.ndarray) -> np.ndarray:
+    """The affinity without its per-task main effects (``task_offsets``): what only the pair explains.
+
+    A task that every subset helps (or hurts) otherwise dominates its row and column, and
+    the clustering groups by that level instead of by which partners help which.
+    """
+    mu, r = task_offsets(affinity)
+    residual = np.asarray(affinity, dtype=np.float64) - mu - r[:, None] - r[None, :]
+    np.fill_diagonal(residual, 0.0)
+    return residual
+
+
+def offset_variance_share(affinity: np.ndarray) -> float:
+    """The share of the off-diagonal variance of the affinity that the per-task offsets explain."""
+    a = np.asarray(affinity, dtype=np.float64)
+    off = ~np.eye(a.shape[0], dtype=bool)
+    total = float(((a[off] - a[off].mean()) ** 2).sum())
+    return 1.0 - float((remove_offsets(a)[off] ** 2).sum()) / total if total > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class AffinityResult:
     """An affinity matrix and what produced it; ``seconds`` per stage (sample, statistics, solve, singles, affinity)."""

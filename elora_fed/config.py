@@ -152,7 +152,9 @@ class AffinityConfig:
     ``gradient-cosine`` (the baseline). ``lam`` is the surrogate's L2 strength, calibrated
     against real fine-tuning (``experiments/estimation_error.py`` reports its choice).
     ``num_subsets`` random subsets of ``subset_size`` clients are solved, plus greedy ones
-    until every pair of clients shares a subset.
+    until every pair of clients shares a subset. ``offsets = "remove"`` subtracts each
+    client's main effect (what it gains from every partner alike, ``affinity.remove_offsets``)
+    before clustering, so groups follow which partners help which.
     """
 
     mode: str = "exact"
@@ -160,9 +162,11 @@ class AffinityConfig:
     subset_size: int = 5
     num_subsets: int = 200
     seed: int = 0
+    offsets: str = "keep"
 
     def validate(self) -> None:
         _check_choice("affinity.mode", self.mode, ("exact", "private", "secure", "gradient-cosine"))
+        _check_choice("affinity.offsets", self.offsets, ("keep", "remove"))
         _check_range("affinity.lam", self.lam, low=0.0, inclusive_low=False)
         _check_range("affinity.subset_size", self.subset_size, low=2)
         _check_range("affinity.num_subsets", self.num_subsets, low=0)

@@ -64,7 +64,7 @@ CURVE_PATIENCE = 2  # the curve stops after 2 rounds without a lower validation 
 PLATEAU_TOLERANCE = 0.001
 FINETUNE_STEPS = 10  # MTL-FT's local steps per client (2 local epochs); fixed, not tuned
 CORE = ("ensemble", "qlora", "random")
-EXTRA = ("mtl-ft", "cosine", "local", "qlora-matched")
+EXTRA = ("ensemble-centered", "mtl-ft", "cosine", "local", "qlora-matched")
 PAPER_PHASES = ("sketch", "train", "boost")  # the paper's compute: gradient pass, training, boosting fits
 
 

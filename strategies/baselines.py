@@ -26,12 +26,13 @@ import numpy as np
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError
 
-METHODS = ("ensemble", "qlora", "mtl-ft", "cosine", "random", "local")
+METHODS = ("ensemble", "ensemble-centered", "qlora", "mtl-ft", "cosine", "random", "local")
 
 
 def method_settings(method: str, finetune_steps: int = 0, num_groups: int | None = None) -> dict[str, Any]:
     """The overrides that turn the default (EnsembleLoRA) run into ``method``.
 
+    ``ensemble-centered``: EnsembleLoRA on the affinity without per-client offsets;
     ``qlora``: one adapter; ``mtl-ft``: it, fine-tuned ``finetune_steps`` locally; ``cosine``:
     gradient-cosine groups; ``random``: ``num_groups`` random groups (EnsembleLoRA's m, for a
     like-for-like comparison); ``local``: one adapter per client. Baselines with one adapter
@@ -40,6 +41,7 @@ def method_settings(method: str, finetune_steps: int = 0, num_groups: int | None
     one = {"strategies.clustering": "strategies.baselines:OneGroup", "boost.steps": 0}
     table: dict[str, dict[str, Any]] = {
         "ensemble": {},
+        "ensemble-centered": {"affinity.offsets": "remove"},
         "qlora": one,
         "mtl-ft": {**one, "train.finetune_steps": finetune_steps},
         "cosine": {"affinity.mode": "gradient-cosine"},

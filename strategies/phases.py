@@ -33,6 +33,7 @@ from elora_fed.affinity import (
     affinity_from_statistics,
     affinity_from_subset_sums,
     gradient_cosine_affinity,
+    remove_offsets,
 )
 from elora_fed.client_sketch import ClientSketch
 from elora_fed.clustering import cluster, spectral_clustering
@@ -98,6 +99,11 @@ class SurrogateAffinity:
         self.config = config.affinity
 
     def estimate(self, collected: Sequence[ClientSketch] | Sequence[ClientStatistics] | SubsetSums) -> np.ndarray:
+        affinity = self._estimate(collected)
+        n = affinity.shape[0]
+        return remove_offsets(affinity) if self.config.offsets == "remove" and n >= 3 else affinity
+
+    def _estimate(self, collected: Sequence[ClientSketch] | Sequence[ClientStatistics] | SubsetSums) -> np.ndarray:
         af = self.config
         if isinstance(collected, SubsetSums):
             size = min(af.subset_size, collected.num_clients)

@@ -109,3 +109,31 @@ def test_gradient_cosine_of_a_zero_gradient_is_zero():
         "z", task.train_outputs, torch.zeros_like(task.train_features), task.val_outputs, task.val_features
     )
     assert gradient_cosine_affinity([task, zero]).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_removing_task_offsets_recovers_the_pair_structure_under_them():
+    from elora_fed.affinity import offset_variance_share, remove_offsets, task_offsets
+    from elora_fed.clustering import adjusted_rand_index, cluster
+
+    rng = np.random.default_rng(0)
+    n = 24
+    blocks = np.repeat(np.arange(3), 8)
+    pairs = np.where(blocks[:, None] == blocks[None, :], 0.2, -0.1)
+    r = rng.normal(0, 2.0, size=n)  # per-task levels, ten times the pair effects
+    r -= r.mean()
+    a = 0.5 + r[:, None] + r[None, :] + pairs
+    np.fill_diagonal(a, 0.0)
+    mu, fitted = task_offsets(a)
+    assert mu == pytest.approx(a[~np.eye(n, dtype=bool)].mean())
+    residual = remove_offsets(a)
+    off = ~np.eye(n, dtype=bool)
+    # the fitted offsets are the planted ones, up to what the block pattern adds to every row alike
+    np.testing.assert_allclose(fitted - fitted.mean(), r - r.mean(), atol=1e-9)
+    assert offset_variance_share(a) > 0.95
+    assert np.allclose(np.diag(residual), 0.0) and abs(residual[off].mean()) < 1e-9
+    # clustering by the raw matrix follows the levels; by the residual, the blocks
+    raw = cluster(a, 3, method="fast", seed=0).labels
+    centered = cluster(residual, 3, method="fast", seed=0).labels
+    assert adjusted_rand_index(centered, blocks) == 1.0
+    assert adjusted_rand_index(raw, blocks) < 0.5
+    assert offset_variance_share(pairs * off) < 0.05  # balanced blocks: no main effects to explain
