@@ -46,7 +46,7 @@ import torch
 from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import Batch, client_batches
 from elora_fed.client_sketch import sketch_setup
-from elora_fed.compute import compute_context
+from elora_fed.compute import compute_context, resolve_compute_dtype
 from elora_fed.config import ModelConfig, RunConfig, load_config
 from elora_fed.ensemble import adapter_outputs
 from elora_fed.federated_data import load_clients
@@ -273,9 +273,39 @@ def overhead_epochs(
     return {**extra, "total": sum(extra.values())}
 
 
+def matmul_probe(size: int = 512, reps: int = 5) -> dict[str, Any]:
+    """One thread's matmul time in fp32 and bf16, and the dtype ``model.compute_dtype = "auto"`` picks.
+
+    Where bf16 has no native kernels (an AVX2 CPU) it is emulated and many times slower,
+    which is why ``auto`` keeps fp32 there; this probe shows the ratio on any machine in a
+    second, where the passes stage would take hours in emulated bf16.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ms = {}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+            a @ b
+            start = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            ms[name] = (time.perf_counter() - start) / reps * 1e3
+    finally:
+        torch.set_num_threads(previous)
+    auto = resolve_compute_dtype(ModelConfig())
+    return {
+        "size": size,
+        "fp32_ms": ms["fp32"],
+        "bf16_ms": ms["bf16"],
+        "bf16_over_fp32": ms["bf16"] / ms["fp32"],
+        "auto": auto,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("passes", "pipeline", "all"), default="all")
+    parser.add_argument("--stage", choices=("probe", "passes", "pipeline", "all"), default="all")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model.name of the passes stage")
     parser.add_argument("--out", default="throughput", help="results file stem")
@@ -290,6 +320,7 @@ def main() -> None:
         "python": platform.python_version(),
     }
     config = load_config("demo", {"model.name": args.model})
+    result["probe"] = matmul_probe()
     if args.stage in ("passes", "all"):
         result["passes"] = measure_passes(config, args.reps)
         one = result["passes"]["threads"]["1"]["speedup"]
@@ -308,11 +339,18 @@ def main() -> None:
 
 def markdown(r: dict[str, Any]) -> str:
     lines = [
-        "# Throughput: fp32 against the default compute dtype (bf16 autocast here)",
+        "# Throughput: fp32 against the default compute dtype",
         "",
         f"Machine: {r['machine']['cpu']}, {r['machine']['cores']} cores, AVX-512 BF16 {r['machine']['avx512_bf16']}, "
         f"torch {r['machine']['torch']}. Written by `experiments/throughput.py`.",
     ]
+    if "probe" in r:
+        p = r["probe"]
+        lines += [
+            "",
+            f"Matmul probe ({p['size']}x{p['size']}, 1 thread): fp32 {p['fp32_ms']:.1f} ms, bf16 {p['bf16_ms']:.1f} ms "
+            f"({p['bf16_over_fp32']:.2f}x fp32's time); `model.compute_dtype = auto` picks {p['auto']} here.",
+        ]
     if "passes" in r:
         p = r["passes"]
         lines += [
