@@ -85,20 +85,6 @@ def adapter_outputs(model: nn.Module, batches: Sequence[Batch], state: AdapterSt
     )
 
 
-def group_outputs(
-    model: nn.Module, batches: Sequence[Batch], group: GroupAdapters, theta_star: AdapterState, eta: float
-) -> Outputs:
-    """A group's output h_0 + eta * sum_t (h_t - h*) at every target of ``batches``."""
-    out = adapter_outputs(model, batches, group.base)
-    if not group.boosts:
-        return out
-    base = adapter_outputs(model, batches, theta_star).h
-    h = out.h.clone()
-    for boost in group.boosts:
-        h += eta * (adapter_outputs(model, batches, boost).h - base)
-    return Outputs(h, out.mask)
-
-
 @dataclass(frozen=True)
 class Evaluation:
     """One pass over a split: each group's outputs, their weighted combination, and theta*'s."""
@@ -118,12 +104,12 @@ def evaluate_ensemble(
     weights: np.ndarray | None = None,
     with_base: bool = False,
 ) -> Evaluation:
-    """Every group's outputs (as ``group_outputs``), combined with ``weights``, with top-1 records.
+    """Every group's output h_0 + eta * sum_t (h_t - h*), combined with ``weights``, with top-1 records.
 
     Top-1 needs every candidate's h combined before the argmax (the maximum of a weighted
     sum is not the weighted sum of maxima), so each batch's per-candidate h of every
     adapter is summed with the group's coefficients and the weights, then compared with
-    the target's. One forward per adapter and batch, as ``group_outputs`` does.
+    the target's. One forward per adapter and batch.
     """
     if weights is not None and len(weights) != len(groups):
         raise ValueError(f"{len(groups)} groups but {len(weights)} weights")
@@ -161,6 +147,13 @@ def evaluate_ensemble(
         _stack(combined, masks) if weights is not None else None,
         _stack(base, masks) if with_base else None,
     )
+
+
+def group_outputs(
+    model: nn.Module, batches: Sequence[Batch], group: GroupAdapters, theta_star: AdapterState, eta: float
+) -> Outputs:
+    """A group's output h_0 + eta * sum_t (h_t - h*) at every target of ``batches``."""
+    return evaluate_ensemble(model, batches, [group], theta_star, eta).groups[0]
 
 
 def _target_and_top1(h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,9 +138,8 @@ def _run_phases(grid: Grid, run: PipelineRun) -> None:
     fed = discover(grid, config, wait_for_nodes(grid, expected, config.federation.wait_s), ledger)
     write_json(run.dir / "clients.json", [{"client_id": c, **fed.samples[c]} for c in fed.client_ids])
 
-    needs_affinity = bool(
-        getattr(load_class(config.strategies.clustering, "strategies.clustering"), "needs_affinity", True)
-    )
+    clustering_class = load_class(config.strategies.clustering, "strategies.clustering")
+    needs_affinity = bool(getattr(clustering_class, "needs_affinity", True))
     privacy = privacy_report(config, releases=int(needs_affinity))  # one sketch-phase release per client
     if config.privacy.enabled:
         console.log(describe(privacy))
@@ -183,7 +182,7 @@ def _run_phases(grid: Grid, run: PipelineRun) -> None:
         fallback = {c: [float(g == own[c]) for g in ensemble] for c in fed.client_ids}
         if len(ensemble) == 1:  # one group: nothing to weigh
             run.info["weights"] = {c: [1.0] for c in fed.client_ids}
-        elif getattr(load_class(config.strategies.clustering, "strategies.clustering"), "own_group_only", False):
+        elif getattr(clustering_class, "own_group_only", False):
             run.info["weights"] = fallback  # each client's own adapter (local training): nothing to learn
         else:
             per_client, result = EnsembleEvaluation(fed).run(

@@ -68,9 +68,10 @@ def test_group_output_adds_eta_times_each_boost_change(model, batches):
     shifted = [{k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in theta_star.items()} for _ in range(3)]
     h = [adapter_outputs(model, batches, s).h for s in [theta_star, *shifted]]
     out = group_outputs(model, batches, GroupAdapters(shifted[0], shifted[1:]), theta_star, eta=0.1)
-    torch.testing.assert_close(out.h, h[1] + 0.1 * (h[2] - h[0]) + 0.1 * (h[3] - h[0]))
+    # all_log_odds (every candidate's h) against log_odds (the target's): equal to rounding
+    torch.testing.assert_close(out.h, h[1] + 0.1 * (h[2] - h[0]) + 0.1 * (h[3] - h[0]), rtol=1e-4, atol=1e-4)
     alone = group_outputs(model, batches, GroupAdapters(shifted[0]), theta_star, eta=0.1)
-    torch.testing.assert_close(alone.h, h[1])
+    torch.testing.assert_close(alone.h, h[1], rtol=1e-4, atol=1e-4)
 
 
 def test_weights_favour_the_better_group_and_combine_on_the_simplex():
@@ -96,15 +97,19 @@ def test_residuals_and_ridge_fit():
     assert np.linalg.norm(ridge_fit(gram, moment, ridge=1e4)) < 0.1 * np.linalg.norm(w)  # ridge shrinks
 
 
-def test_one_pass_evaluation_matches_group_outputs_and_brute_force_top1(model, batches):
+def test_one_pass_evaluation_matches_each_adapters_outputs_and_brute_force_top1(model, batches):
     theta_star = adapter_state(model)
     gen = torch.Generator().manual_seed(1)
     shifted = [{k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in theta_star.items()} for _ in range(3)]
     groups = [GroupAdapters(shifted[0], [shifted[1]]), GroupAdapters(shifted[2])]
     weights = np.array([0.3, 0.7])
     result = evaluate_ensemble(model, batches, groups, theta_star, 0.5, weights, with_base=True)
+    star_h = adapter_outputs(model, batches, theta_star).h
     for group, out in zip(groups, result.groups, strict=True):
-        torch.testing.assert_close(out.h, group_outputs(model, batches, group, theta_star, 0.5).h, rtol=1e-4, atol=1e-4)
+        expected = adapter_outputs(model, batches, group.base).h
+        for boost in group.boosts:
+            expected = expected + 0.5 * (adapter_outputs(model, batches, boost).h - star_h)
+        torch.testing.assert_close(out.h, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(result.combined.h, combine(result.groups, weights).h)
 
     def candidate_h(state):
