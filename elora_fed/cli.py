@@ -73,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flwr-home", type=Path, help="its FLWR_HOME (default: $FLWR_HOME or ~/.flwr)")
     p.set_defaults(func=_stop_local)
 
+    p = sub.add_parser("predict", help="score text (or --generate) with a finished run's ensemble for one client")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run's directory")
+    p.add_argument("--client", required=True, help="the client (speaking role) whose ensemble weights to use")
+    p.add_argument("text", nargs="+", help="the texts to score, or the prompt with --generate")
+    p.add_argument("--generate", action="store_true", help="continue the text instead of scoring it")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_predict)
+
     p = with_config(sub.add_parser("check", help="end-to-end check of base model and data (the demo job)"))
     p.add_argument("--eval-samples", type=int, default=4, help="validation samples per client to score")
     p.set_defaults(func=_check)
@@ -112,6 +122,19 @@ def _data_stats(args: argparse.Namespace) -> None:
     config = _config(args)
     samples = load_lm_clients(config.data, load_tokenizer(config.model))
     print(json.dumps(samples.stats(), indent=2))
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from elora_fed.inference import load_ensemble
+
+    ensemble = load_ensemble(args.run_dir)
+    if args.generate:
+        prompt = " ".join(args.text)
+        print(prompt + ensemble.generate(args.client, prompt, args.max_new_tokens, args.temperature, args.seed))
+        return
+    for text, scored in zip(args.text, ensemble.score(args.client, args.text), strict=True):
+        tokens = [ensemble.tokenizer.decode([t]) for t in scored.tokens]
+        print(json.dumps({"text": text, "loss": scored.loss, "tokens": tokens, "log_probs": scored.log_probs}))
 
 
 def _check(args: argparse.Namespace) -> None:

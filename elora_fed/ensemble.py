@@ -17,7 +17,7 @@ one model that is the usual argmax of the logits, since h is increasing in p.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,21 +122,12 @@ def evaluate_ensemble(
         b = batch.to(device)
         targets, mask = b.candidate_targets()
         masks.append(mask.cpu())
-
-        def candidates(state: AdapterState, b: Batch = b) -> torch.Tensor:
-            load_adapter_state(model, state)
-            return b.candidate_outputs(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits)
-
-        star = candidates(theta_star) if with_base or any(g.boosts for g in groups) else None
+        star = adapter_candidates(model, b, theta_star) if with_base or any(g.boosts for g in groups) else None
         if with_base:
             assert star is not None
             base.append(_target_and_top1(star, targets))
         total = None
-        for i, group in enumerate(groups):
-            h = candidates(group.base)
-            for boost in group.boosts:
-                assert star is not None
-                h += eta * (candidates(boost) - star)
+        for i, h in enumerate(group_candidates(model, b, groups, theta_star, eta, star)):
             per_group[i].append(_target_and_top1(h, targets))
             if weights is not None:
                 total = float(weights[i]) * h if total is None else total + float(weights[i]) * h
@@ -147,6 +138,35 @@ def evaluate_ensemble(
         _stack(combined, masks) if weights is not None else None,
         _stack(base, masks) if with_base else None,
     )
+
+
+def adapter_candidates(model: nn.Module, batch: Batch, state: AdapterState) -> torch.Tensor:
+    """h of every candidate at every target of ``batch`` (n, P, K; on the model's device) under ``state``."""
+    load_adapter_state(model, state)
+    return batch.candidate_outputs(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
+
+
+def group_candidates(
+    model: nn.Module,
+    batch: Batch,
+    groups: Sequence[GroupAdapters],
+    theta_star: AdapterState,
+    eta: float,
+    star: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """Each group's h_0 + eta * sum_t (h_t - h*) of every candidate (n, P, K), one group at a time.
+
+    A generator, so that only one group's (n, P, vocabulary) tensor is held at once.
+    ``star`` is theta*'s ``adapter_candidates`` on ``batch`` when the caller has it already.
+    """
+    for group in groups:
+        h = adapter_candidates(model, batch, group.base)
+        if group.boosts and star is None:
+            star = adapter_candidates(model, batch, theta_star)
+        for boost in group.boosts:
+            assert star is not None
+            h += eta * (adapter_candidates(model, batch, boost) - star)
+        yield h
 
 
 def group_outputs(

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -119,3 +121,24 @@ def test_conversion_writes_a_plain_hf_directory(tmp_path, monkeypatch):
     original = AutoModelForCausalLM.from_pretrained(models.tiny_model_dir()).state_dict()
     assert reloaded.keys() == original.keys()
     assert all(torch.equal(reloaded[k], original[k]) for k in original)
+
+
+def test_importing_elora_fed_silences_the_import_noise_it_cannot_act_on():
+    """bitsandbytes' hub-kernel notice and torch's script_method warning: gone, other warnings kept."""
+    import subprocess
+    import sys
+
+    code = "import {}bitsandbytes, warnings; warnings.warn('a real one', DeprecationWarning)"
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def stderr(prefix: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-W", "default", "-c", code.format(prefix)], capture_output=True, text=True, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stderr
+
+    assert "script_method" in stderr("")  # the warning the filter exists for
+    quiet = stderr("elora_fed, ")
+    assert "script_method" not in quiet and "kernels-community" not in quiet
+    assert "a real one" in quiet

@@ -19,6 +19,7 @@ from peft import PeftModel
 
 from elora_fed.adapters import load_peft_adapter
 from elora_fed.config import ModelConfig
+from elora_fed.errors import DataError
 from elora_fed.models import load_base_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,40 @@ def test_500_clients_end_to_end_write_the_whole_run_directory(fault_free_500):
     run_dir, output = fault_free_500
     m = check_run_dir(run_dir, clients=500, fraction=0.5)
     assert f"EnsembleLoRA: 500 clients, {m} groups" in output
+
+
+def test_the_run_loads_back_as_an_ensemble_whose_score_reproduces_the_reported_test_loss(fault_free_500):
+    from elora_fed.batches import client_batches
+    from elora_fed.federated_data import load_clients
+    from elora_fed.inference import load_ensemble
+
+    run_dir, _ = fault_free_500
+    ensemble = load_ensemble(run_dir)
+    report = {r["client_id"]: r for r in json.loads((run_dir / "report.json").read_text())["clients"]}
+    assert ensemble.clients == sorted(report)
+    boosted = {g for g, group in ensemble.groups.items() if group.boosts}
+    clients = {c.client_id: c for c in load_clients(ensemble.config.data, ensemble.tokenizer)}
+    # a client weighing several groups and, where boosting kept a step, one of a boosted group
+    chosen = [next(c for c in ensemble.clients if sum(w > 0 for w in ensemble.weights[c]) > 1)]
+    chosen += [c for c in ensemble.clients if report[c]["group"] in boosted][:1]
+    for client_id in chosen:
+        tokens = clients[client_id].splits["test"]
+        batches = [b for _, b in client_batches(clients[client_id], "test", 8, ensemble.tokenizer.pad_token_id)]
+        assert ensemble.outputs(client_id, batches).loss() == pytest.approx(report[client_id]["test_loss"], abs=1e-4)
+        scored = ensemble.score_ids(client_id, tokens)
+        assert [s.tokens for s in scored] == [list(row[1:]) for row in tokens]
+        mean = float(np.mean([lp for s in scored for lp in s.log_probs]))  # rows of equal length
+        assert -mean == pytest.approx(report[client_id]["test_loss"], abs=1e-4)
+    one = ensemble.score(chosen[0], ["To be, or not to be"])[0]
+    assert len(one.log_probs) == len(one.tokens) and all(lp < 0 for lp in one.log_probs)
+    h = ensemble.next_token_log_odds(chosen[0], one.tokens)
+    assert h.ndim == 1 and h.shape[0] >= len(ensemble.tokenizer)  # the model's vocabulary may be padded
+    greedy = ensemble.generate(chosen[0], "To be", max_new_tokens=3, temperature=0)
+    assert greedy == ensemble.generate(chosen[0], "To be", max_new_tokens=3, temperature=0)  # deterministic
+    predicted = run(cli("predict", str(run_dir), "--client", chosen[0], "To be, or not to be"), run_dir)
+    assert json.loads(predicted.stdout.splitlines()[-1])["loss"] == pytest.approx(one.loss, abs=1e-5)
+    with pytest.raises(DataError, match="is not in this run"):
+        ensemble.score("no such role", ["text"])
 
 
 def test_500_clients_with_20_percent_dropout_finish_within_2_percent_of_the_fault_free_loss(fault_free_500, tmp_path):
