@@ -84,6 +84,7 @@ class RunEnsemble:
 
     def score_ids(self, client_id: str, rows: Sequence[Sequence[int]]) -> list[TokenScores]:
         """``score`` on token ids (a client's own samples, say), one row at a time."""
+        self._of(client_id)  # an unknown client is named before any row is looked at
         scores = []
         for ids in rows:
             if len(ids) < 2:

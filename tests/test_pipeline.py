@@ -123,7 +123,9 @@ def test_the_run_loads_back_as_an_ensemble_whose_score_reproduces_the_reported_t
     predicted = run(cli("predict", str(run_dir), "--client", chosen[0], "To be, or not to be"), run_dir)
     assert json.loads(predicted.stdout.splitlines()[-1])["loss"] == pytest.approx(one.loss, abs=1e-5)
     with pytest.raises(DataError, match="is not in this run"):
-        ensemble.score("no such role", ["text"])
+        ensemble.score("no such role", ["To be, or not to be"])
+    with pytest.raises(DataError, match="needs at least 2"):
+        ensemble.score(chosen[0], [""])
 
 
 def test_500_clients_with_20_percent_dropout_finish_within_2_percent_of_the_fault_free_loss(fault_free_500, tmp_path):
