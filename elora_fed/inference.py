@@ -83,15 +83,20 @@ class RunEnsemble:
         return self.score_ids(client_id, [self._encode(text) for text in texts])
 
     def score_ids(self, client_id: str, rows: Sequence[Sequence[int]]) -> list[TokenScores]:
-        """``score`` on token ids (a client's own samples, say), one row at a time."""
+        """``score`` on token ids (a client's own samples, say); rows of one length share a batch."""
         self._of(client_id)  # an unknown client is named before any row is looked at
-        scores = []
-        for ids in rows:
+        by_length: dict[int, list[int]] = {}
+        for i, ids in enumerate(rows):
             if len(ids) < 2:
                 raise DataError(f"cannot score {len(ids)} token(s): scoring needs at least 2")
-            h = self.outputs(client_id, [lm_batch(np.asarray([ids]))]).h[0]
-            scores.append(TokenScores([int(t) for t in ids[1:]], (-torch.nn.functional.softplus(-h)).tolist()))
-        return scores
+            by_length.setdefault(len(ids), []).append(i)
+        scores: dict[int, TokenScores] = {}
+        for indices in by_length.values():
+            h = self.outputs(client_id, [lm_batch(np.asarray([rows[i] for i in indices]))]).h
+            for i, row_h in zip(indices, h, strict=True):
+                log_probs = (-torch.nn.functional.softplus(-row_h)).tolist()
+                scores[i] = TokenScores([int(t) for t in rows[i][1:]], log_probs)
+        return [scores[i] for i in range(len(rows))]
 
     def next_token_log_odds(self, client_id: str, ids: Sequence[int]) -> torch.Tensor:
         """The client's combined h of every vocabulary token as the next token after ``ids`` (V,)."""
