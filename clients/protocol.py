@@ -31,25 +31,18 @@ resumed run's saved config alike), so every launcher configures clients the same
   targets: the group's training loss).
 
 Decoding checks every field, so a malformed message is a named error, not a crash later.
+This module holds the run config and plain fields, and imports no model code (the
+ClientApp's routing uses it); ``clients.records`` encodes and decodes the model objects.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
-from collections.abc import Mapping
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from elora_fed.client_sketch import ClientSketch, SketchMetadata
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import DataError
-from elora_fed.surrogate import ClientStatistics, statistics_arrays, statistics_from_arrays
-
-_MEMBER = re.compile(r"group\.(\d+)\.(base|boost\.(\d+))")
 
 
 def run_record(config: RunConfig) -> ConfigRecord:
@@ -80,82 +73,3 @@ def number(record: ConfigRecord | MetricRecord, key: str, default: float | None 
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise DataError(f"malformed message: field '{key}' = {value!r} is not a number")
     return float(value)
-
-
-def ensemble_records(groups: Mapping[int, GroupAdapters]) -> dict[str, ArrayRecord]:
-    """The ArrayRecords that carry groups' adapters: ``group.G.base`` and ``group.G.boost.T``."""
-    records = {}
-    for g, group in groups.items():
-        records[f"group.{g}.base"] = ArrayRecord(group.base)
-        for t, boost in enumerate(group.boosts):
-            records[f"group.{g}.boost.{t}"] = ArrayRecord(boost)
-    return records
-
-
-def ensemble_from(content: RecordDict) -> dict[int, GroupAdapters]:
-    """The groups' adapters in a request, by group id; DataError if a boost has no base."""
-    bases: dict[int, AdapterState] = {}
-    boosts: dict[int, dict[int, AdapterState]] = {}
-    for name, record in content.array_records.items():
-        match = _MEMBER.fullmatch(name)
-        if match is None:
-            continue
-        g = int(match.group(1))
-        try:
-            state = record.to_torch_state_dict()
-        except Exception as e:  # Flower raises plain exceptions for undecodable arrays
-            raise DataError(f"malformed adapter '{name}': {e}") from e
-        if match.group(3) is None:
-            bases[g] = state
-        else:
-            boosts.setdefault(g, {})[int(match.group(3))] = state
-    if set(boosts) - set(bases):
-        raise DataError(f"boosting adapters for groups {sorted(set(boosts) - set(bases))} without their base adapter")
-    return {
-        g: GroupAdapters(bases[g], [boosts.get(g, {})[t] for t in sorted(boosts.get(g, {}))]) for g in sorted(bases)
-    }
-
-
-SKETCH_ARRAYS = ("split", "sample_index", "outputs", "features", "labels")
-
-
-def sketch_to_record(sketch: ClientSketch) -> RecordDict:
-    arrays = ArrayRecord({name: Array(np.ascontiguousarray(getattr(sketch, name))) for name in SKETCH_ARRAYS})
-    meta = ConfigRecord({"client_id": sketch.client_id, "metadata": json.dumps(dataclasses.asdict(sketch.metadata))})
-    return RecordDict({"sketch": arrays, "sketch_meta": meta})
-
-
-def statistics_to_record(client_id: str, stats: ClientStatistics) -> RecordDict:
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in statistics_arrays(stats).items()})
-    return RecordDict({"statistics": arrays, "sketch_meta": ConfigRecord({"client_id": client_id})})
-
-
-def statistics_from_record(content: RecordDict, dim: int) -> tuple[str, ClientStatistics]:
-    """A private-mode reply: the client id and its statistics; DataError naming what is malformed."""
-    try:
-        client_id = str(content.config_records["sketch_meta"]["client_id"])
-        arrays = {k: v.numpy() for k, v in content.array_records["statistics"].items()}
-    except Exception as e:  # Flower and numpy raise plain exceptions (ValueError, EOFError, ...) for bad arrays
-        raise DataError(f"malformed statistics reply: {type(e).__name__}: {e}") from e
-    return client_id, statistics_from_arrays(arrays, dim)
-
-
-def sketch_from_record(content: RecordDict) -> ClientSketch:
-    """The sketch in a reply; DataError naming what is missing or inconsistent."""
-    try:
-        arrays = content.array_records["sketch"]
-        meta = content.config_records["sketch_meta"]
-        values = {name: arrays[name].numpy() for name in SKETCH_ARRAYS}
-        client_id = str(meta["client_id"])
-        metadata = SketchMetadata(**json.loads(str(meta["metadata"])))
-    except Exception as e:  # Flower and numpy raise plain exceptions (ValueError, EOFError, ...) for bad arrays
-        raise DataError(f"malformed sketch reply: {type(e).__name__}: {e}") from e
-    n = len(values["outputs"])
-    features = values["features"]
-    if features.ndim != 2 or features.shape != (n, metadata.dim) or any(len(values[k]) != n for k in SKETCH_ARRAYS):
-        raise DataError(
-            f"malformed sketch reply from '{client_id}': {n} outputs, features {features.shape}, d = {metadata.dim}"
-        )
-    if not np.isfinite(values["outputs"]).all() or not np.isfinite(features).all():
-        raise DataError(f"malformed sketch reply from '{client_id}': non-finite values")
-    return ClientSketch(client_id=client_id, metadata=metadata, **values)

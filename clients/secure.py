@@ -6,7 +6,7 @@
   SecAgg+ round of a subset holding this client and the loss query reuse them.
 - SecAgg+: Flower's ``SecAggPlusWorkflow`` sends its four stages as plain ``train``
   messages carrying the ``secaggplus_configs`` record (the type is fixed in Flower), so
-  ``secure_statistics_mod``, a mod on the ``train`` handler only, sends those through
+  ``clients.app.secure_statistics_mod``, a mod on the ``train`` handler only, sends those through
   Flower's ``secaggplus_mod`` and every other ``train`` message on to ordinary training.
   In the masked stage the mod calls ``secure_statistics_content``, which answers in the
   legacy FitRes format: parameters = this client's train statistics as one float64
@@ -31,11 +31,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.client.mod import secaggplus_mod
-from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
 from clients.protocol import run_config
@@ -53,8 +50,6 @@ from elora_fed.surrogate import (
 
 Statistics = Callable[[RecordDict, Context], tuple[str, ClientStatistics, int]]
 """(request with the run config, context) -> (client id, statistics, rows projected to compute them now: 0 if cached)."""
-
-Content = Callable[[RecordDict, Context], RecordDict]
 
 FITINS_CONFIG = "fitins.config"  # where a legacy FitIns carries its config (``recorddict_compat``)
 
@@ -105,20 +100,6 @@ class StatisticsCache:
                 self._stats[client_id] = stats
                 return stats, rows
         return self._stats[client_id], 0
-
-
-def secure_statistics_mod(content: Content) -> Mod:
-    """A mod for the ``train`` handler: SecAgg+ messages go through ``secaggplus_mod`` to ``content``."""
-
-    def handler(message: Message, context: Context) -> Message:
-        return Message(content(message.content, context), reply_to=message)
-
-    def mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if RECORD_KEY_CONFIGS not in message.content.config_records:
-            return call_next(message, context)
-        return secaggplus_mod(message, context, handler)
-
-    return mod
 
 
 def secure_statistics_content(content: RecordDict, context: Context, statistics: Statistics) -> RecordDict:

@@ -73,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flwr-home", type=Path, help="its FLWR_HOME (default: $FLWR_HOME or ~/.flwr)")
     p.set_defaults(func=_stop_local)
 
+    p = sub.add_parser(
+        "model-holder", help="keep the base model loaded beside a deployed SuperNode (docs/deployment.md)"
+    )
+    p.add_argument(
+        "--file", type=Path, required=True, help="where to write its address and key (the node's model-holder)"
+    )
+    p.add_argument(
+        "--idle-timeout", type=float, default=0.0, help="stop after this many seconds without a call (0: never)"
+    )
+    p.set_defaults(func=_model_holder)
+
     p = sub.add_parser("predict", help="score text (or --generate) with a finished run's ensemble for one client")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run's directory")
     p.add_argument("--client", required=True, help="the client (speaking role) whose ensemble weights to use")
@@ -98,6 +109,13 @@ def _stop_local(args: argparse.Namespace) -> None:
 
     stopped = stop_local_superlink(args.flwr_home)
     print(f"stopped {len(stopped)} processes {stopped}" if stopped else "no local SuperLink running")
+
+
+def _model_holder(args: argparse.Namespace) -> int:
+    from clients.handlers import HANDLERS
+    from clients.model_holder import serve
+
+    return serve(args.file, HANDLERS, args.idle_timeout)
 
 
 def _fetch_data(args: argparse.Namespace) -> None:

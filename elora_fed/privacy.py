@@ -1,7 +1,7 @@
 """Optional differential privacy for what a client releases in the sketch phase: clipping, Gaussian noise, accounting.
 
 With ``privacy.noise_multiplier = z > 0`` every client clips and noises its sketch-phase
-reply on its own machine, before anything is sent (``clients.app``, ``query.sketch``):
+reply on its own machine, before anything is sent (``clients.handlers``, ``query.sketch``):
 
 - every per-sample projected gradient row g~_s is clipped to L2 norm <= C (``clip_norm``):
   g~_s * min(1, C / |g~_s|);

@@ -27,7 +27,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from clients.protocol import ensemble_records, number, run_record, sketch_from_record, statistics_from_record
+from clients.protocol import number, run_record
+from clients.records import ensemble_records, sketch_from_record, statistics_from_record
 from elora_fed.affinity import (
     affinity_from_features,
     affinity_from_statistics,
@@ -391,11 +392,12 @@ def first_order_boost(
 
 
 def exchange_metrics(result: Exchange) -> dict[str, Any]:
-    """Timing of one exchange: wall time against the clients' own compute time."""
+    """Timing of one exchange: wall time against the clients' own compute time, and the part of it spent loading."""
     return {
         "exchange": result.label,
         "clients": len(result.replies),
         "failed": len(result.failures),
         "wall_s": round(result.seconds, 3),
         "client_compute_s": round(result.compute_s, 3),
+        "client_load_s": round(result.total("load-s"), 3),
     }

@@ -7,15 +7,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from clients import app as client_app
-from clients.protocol import (
-    ensemble_from,
-    ensemble_records,
-    run_config,
-    run_record,
-    sketch_from_record,
-    sketch_to_record,
-)
+from clients import handlers as client_app
+from clients.protocol import run_config, run_record
+from clients.records import ensemble_from, ensemble_records, sketch_from_record, sketch_to_record
 from elora_fed.adapters import attach_lora
 from elora_fed.client_sketch import SketchMetadata, sketch_client
 from elora_fed.config import RunConfig

@@ -7,8 +7,9 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from clients import app as client_app
-from clients.protocol import run_record, sketch_from_record
+from clients import handlers as client_app
+from clients.protocol import run_record
+from clients.records import sketch_from_record
 from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.batches import lm_batch
 from elora_fed.compute import compute_context, native_bf16, resolve_compute_dtype

@@ -3,109 +3,76 @@
 Every process a test starts runs in its own session and is killed by process group.
 """
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
+from strategies.loopback import BIN, free_port, processes, start_federation, toml_value, wait_for_port
 from tests.test_pipeline import REPO, TINY, _env, cli, only_run_dir, run
+
+__all__ = ["BIN", "SHORT", "free_port", "processes", "toml_value", "wait_for_port"]  # tests/test_security.py uses them
 
 SHORT = {**TINY, "data.num_clients": 2, "clustering.num_groups": 2, "train.rounds": 1, "boost.steps": 1}
 
 
-BIN = Path(sys.executable).parent  # the venv's scripts, whether or not it is activated
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
-@contextlib.contextmanager
-def processes(log_dir: Path):
-    started: list[subprocess.Popen] = []
-
-    def start(name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = (log_dir / f"{name}.log").open("w")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        started.append(proc)
-        return proc
-
-    try:
-        yield start
-    finally:
-        for proc in started:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def toml_value(value) -> str:
-    return f"'{value}'" if isinstance(value, str) else str(value)
-
-
 def test_pipeline_runs_through_a_superlink_and_two_supernodes(tmp_path):
-    port = free_port()
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink.loopback]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**_env(), "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     run_dir = tmp_path / "runs"
     settings = {**SHORT, "run_dir": str(run_dir)}
-    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in settings.items())
     with processes(tmp_path) as start:
-        superlink = [
-            str(BIN / "flower-superlink"),
-            "--insecure",
-            "--database",
-            str(tmp_path / "state.db"),
-            "--port",
-            str(port),
-        ]
-        start("superlink", [*superlink, "--disable-runtime-dependency-installation"], env)
-        wait_for_port(port)
-        for i in range(2):
-            node = [
-                str(BIN / "flower-supernode"),
-                "--insecure",
-                "--superlink",
-                f"127.0.0.1:{port}",
-                "--port",
-                str(free_port()),
-            ]
-            start(f"supernode-{i}", [*node, "--node-config", f"partition-id={i} num-partitions=2"], env)
-        result = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", overrides],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+        federation = start_federation(start, _env(), nodes=2, holders=False)
+        result = federation.flwr_run(REPO, settings, timeout=900)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        deadline = time.monotonic() + 60
-        while not list(run_dir.glob("*/report.json")) and time.monotonic() < deadline:
-            time.sleep(1)
-    logs = "\n".join(p.read_text()[-2000:] for p in tmp_path.glob("*.log"))
+        report = wait_for_report(run_dir)
+    assert report["num_clients"] == 2
+    assert json.loads((next(run_dir.glob("*/config.json"))).read_text())["model.name"] == "tiny-random"
+
+
+def wait_for_report(run_dir: Path, timeout: float = 60) -> dict:
+    """The run's report: ``flwr run --stream`` can return before the ServerApp has written it."""
+    deadline = time.monotonic() + timeout
+    while not list(run_dir.glob("*/report.json")) and time.monotonic() < deadline:
+        time.sleep(1)
     (report_file,) = run_dir.glob("*/report.json")
-    report = json.loads(report_file.read_text())
-    assert report["num_clients"] == 2, logs
-    assert json.loads((report_file.parent / "config.json").read_text())["model.name"] == "tiny-random"
+    return json.loads(report_file.read_text())
+
+
+def test_with_model_holders_a_supernode_restarted_mid_run_loses_only_its_replies(tmp_path):
+    """Each node's model holder serves every message from one model load; SuperNode 1 is killed
+    after the sketch phase and restarted: the run finishes under the dropout rules."""
+    run_dir = tmp_path / "runs"
+    settings = {**SHORT, "data.num_clients": 3, "run_dir": str(run_dir), "federation.timeout_s": 90.0}
+    with processes(tmp_path) as start:
+        federation = start_federation(start, _env(), nodes=3, holders=True)
+        outcome: dict[str, subprocess.CompletedProcess[str]] = {}
+        runner = threading.Thread(target=lambda: outcome.update(result=federation.flwr_run(REPO, settings, 900)))
+        runner.start()
+        deadline = time.monotonic() + 600
+        while not any('"phase": "sketch"' in f.read_text() for f in run_dir.glob("*/metrics.jsonl")):
+            assert runner.is_alive() and time.monotonic() < deadline, "the run ended before its sketch phase"
+            time.sleep(0.5)
+        start.kill("supernode-1")
+        time.sleep(3)
+        federation.start_node(1)  # the same partition, the same holder
+        runner.join()
+        result = outcome["result"]
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        report = wait_for_report(run_dir)
+    logs = {p.stem: p.read_text() for p in tmp_path.glob("*.log")}
+    # The restarted SuperNode registers as a new node; its client's lost replies count as a
+    # dropout (the retry went to the old node), and the run finishes with the other two.
+    assert report["num_clients"] == 2 and len(report["unanswered"]) == 1, logs.get("superlink", "")[-3000:]
+    lines = [json.loads(line) for f in run_dir.glob("*/metrics.jsonl") for line in f.read_text().splitlines()]
+    assert sum(m.get("failed", 0) for m in lines) > 0
+    for i in range(3):  # every message went through the node's holder, which loaded the model at most once
+        served = [
+            line for line in logs[f"holder-{i}"].splitlines() if line.startswith("model holder: ") and " in " in line
+        ]
+        assert len(served) >= 2, logs[f"holder-{i}"]
+        assert all(line.endswith(("model loads 0)", "model loads 1)")) for line in served), logs[f"holder-{i}"]
+        assert served[-1].endswith("model loads 1)")
 
 
 def test_simulation_attaches_to_a_ray_head_on_loopback(tmp_path):

@@ -19,7 +19,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.protocol import ensemble_from, number, run_config, sketch_from_record, statistics_from_record
+from clients.protocol import number, run_config
+from clients.records import ensemble_from, sketch_from_record, statistics_from_record
 from elora_fed import cli
 from elora_fed.config import RunConfig, parse_override
 from elora_fed.errors import EloraFedError

@@ -11,8 +11,9 @@ from flwr.app import Context, RecordDict
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from clients import app as client_app
-from clients.protocol import run_record, sketch_from_record, statistics_from_record
+from clients import handlers as client_app
+from clients.protocol import run_record
+from clients.records import sketch_from_record, statistics_from_record
 from elora_fed.client_sketch import ClientSketch, SketchMetadata
 from elora_fed.config import PrivacyConfig, RunConfig
 from elora_fed.errors import ConfigError

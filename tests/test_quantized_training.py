@@ -13,8 +13,9 @@ import torch
 from bitsandbytes.functional import has_avx512bf16
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
-from clients import app as client_app
-from clients.protocol import ensemble_records, run_record
+from clients import handlers as client_app
+from clients.protocol import run_record
+from clients.records import ensemble_records
 from elora_fed.adapters import attach_lora
 from elora_fed.batches import Batch
 from elora_fed.config import AdapterConfig, ModelConfig, RunConfig

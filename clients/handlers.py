@@ -1,0 +1,408 @@
+"""The client's work: one handler per message kind, each ``(content, context) -> reply content``.
+
+``clients.app`` is the Flower glue that routes each message here, in its own process or
+in a model holder (``clients.model_holder``). A node's ``partition-id`` selects the client
+at that index of the run's clients, sorted by id. Every request carries the run config
+(``clients.protocol``). Heavy state (tokenizer, prepared samples, the base model with its
+adapter) lives in a per-process cache: the base model is loaded once per process (a Ray
+actor in simulation, a model holder in deployment), and each handler sets the adapter
+weights it needs (theta*, the received adapter, a group's ensemble members) instead of
+rebuilding anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import transformers
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from transformers import PreTrainedTokenizerBase
+
+from clients.protocol import MODEL_SIZE_KEYS, Metrics, number, run_config
+from clients.records import ensemble_from, sketch_to_record, statistics_to_record
+from clients.secure import (
+    StatisticsCache,
+    secure_statistics_content,
+    surrogate_losses_content,
+)
+from elora_fed.accounting import TokenCounter, base_parameter_count
+from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.batches import Batch, client_batches
+from elora_fed.classification import ClassificationSamples
+from elora_fed.client_sketch import ClientSketch, sketch_client, sketch_setup
+from elora_fed.compute import compute_context
+from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
+from elora_fed.ensemble import (
+    AdapterState,
+    GroupAdapters,
+    adapter_outputs,
+    combine,
+    evaluate_ensemble,
+    fit_weights,
+    group_outputs,
+    residual_targets,
+    ridge_statistics,
+)
+from elora_fed.errors import DataError
+from elora_fed.federated_data import load_clients
+from elora_fed.lm_samples import ClientSamples
+from elora_fed.privacy import released_sketch, released_statistics
+from elora_fed.sketch import gradient_dim, sketch_batches
+from elora_fed.surrogate import ClientStatistics
+from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
+
+transformers.utils.logging.disable_progress_bar()  # one bar per worker process and message is noise
+transformers.utils.logging.set_verbosity_error()
+
+Samples = ClientSamples | ClassificationSamples
+
+
+_LOADING = [0.0]  # seconds this process has spent filling its caches (tokenizer, clients, base model)
+
+
+@contextlib.contextmanager
+def _loading() -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _LOADING[0] += time.perf_counter() - start
+
+
+@lru_cache(maxsize=1)
+def _tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
+    from elora_fed.models import load_tokenizer
+
+    with _loading():
+        return load_tokenizer(model)
+
+
+@lru_cache(maxsize=2)
+def _clients(model: ModelConfig, data: DataConfig) -> list[ClientSamples] | list[ClassificationSamples]:
+    tokenizer = _tokenizer(model)
+    with _loading():
+        return load_clients(data, tokenizer)
+
+
+_COUNTER = TokenCounter()  # counts every forward and backward pass of this process's model
+
+
+@lru_cache(maxsize=1)
+def _adapted_model(model: ModelConfig, adapter: AdapterConfig) -> tuple[torch.nn.Module, AdapterState]:
+    """The base model with its seeded adapter, loaded once per process, and theta*."""
+    from elora_fed.models import load_base_model
+
+    with _loading():
+        peft_model = attach_lora(load_base_model(model), adapter)
+    _COUNTER.attach(peft_model)
+    return peft_model, adapter_state(peft_model)
+
+
+def measured(handler: Callable[[RecordDict, Context], RecordDict]) -> Callable[[RecordDict, Context], RecordDict]:
+    """Add to a handler's reply, in its MetricRecord ``metrics``, what the handler cost.
+
+    ``compute-s`` (wall seconds inside the handler) and the ``elora_fed.accounting.Usage``
+    entries: token positions forward and backward, projected rows (set by the handler as
+    ``projected-rows``), and the process's peak RSS and CUDA memory. ``load-s`` is the part
+    of ``compute-s`` spent filling this process's caches (nonzero on a process's first
+    message: in deployment without a model holder, on every message), and ``model-loads``
+    the number of times this process has loaded the base model.
+    """
+
+    @functools.wraps(handler)
+    def wrapper(content: RecordDict, context: Context) -> RecordDict:
+        start, loading = time.perf_counter(), _LOADING[0]
+        with _COUNTER.measure() as usage:
+            reply = handler(content, context)
+        metrics: Metrics = dict(reply.metric_records.get("metrics", MetricRecord()))
+        usage.projected_rows = int(number(MetricRecord(metrics), "projected-rows", 0))
+        metrics.update(usage.metrics())
+        metrics["compute-s"] = time.perf_counter() - start
+        metrics["load-s"] = _LOADING[0] - loading
+        metrics["model-loads"] = _adapted_model.cache_info().misses
+        reply["metrics"] = MetricRecord(metrics)
+        return reply
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Node:
+    """What a handler works with: the run config, this node's client and the shared model.
+
+    Handlers run every model pass inside ``compute()``: the run's compute dtype.
+    """
+
+    config: RunConfig
+    client: Samples
+    model: torch.nn.Module
+    theta_star: AdapterState
+
+    def compute(self) -> contextlib.AbstractContextManager[object]:
+        return compute_context(self.config.model)
+
+    def batches(self, split: str, batch_size: int | None = None) -> list[Batch]:
+        size = batch_size or self.config.sketch.batch_size
+        pad = _tokenizer(self.config.model).pad_token_id
+        return [b for _, b in client_batches(self.client, split, size, pad)]
+
+
+def client_for(config: RunConfig, context: Context) -> Samples:
+    """This node's client: the one at index ``partition-id`` of the sorted client list."""
+    clients = _clients(config.model, config.data)
+    partition = int(context.node_config["partition-id"])
+    if not 0 <= partition < len(clients):
+        raise DataError(f"partition-id {partition} is out of range: this run has {len(clients)} clients")
+    return clients[partition]
+
+
+def node_for(content: RecordDict, context: Context) -> Node:
+    config = run_config(content)
+    client = client_for(config, context)
+    model, theta_star = _adapted_model(config.model, config.adapter)
+    return Node(config, client, model, theta_star)
+
+
+@measured
+def stats_content(content: RecordDict, context: Context) -> RecordDict:
+    config = run_config(content)
+    client = client_for(config, context)
+    reply = RecordDict(
+        {
+            "client": ConfigRecord({"client_id": client.client_id}),
+            "samples": MetricRecord({split: _count(client, split) for split in client.splits}),
+        }
+    )
+    options = content.config_records.get("options")
+    if options is not None and bool(options.get("with-theta-star", False)):
+        model, theta_star = _adapted_model(config.model, config.adapter)
+        reply["theta-star"] = ArrayRecord(theta_star)
+        sizes = (base_parameter_count(model), sum(t.numel() for t in theta_star.values()), gradient_dim(model))
+        reply["model-size"] = MetricRecord(dict(zip(MODEL_SIZE_KEYS, sizes, strict=True)))
+    return reply
+
+
+@measured
+def sketch_content(content: RecordDict, context: Context) -> RecordDict:
+    """This client's sketch: b and projected gradients of its train and validation samples.
+
+    In private mode (``affinity.mode = "private"``) only its additive statistics leave the
+    client instead (``elora_fed.surrogate.ClientStatistics``), never per-sample features.
+    The model, adapter seed and projection seed come from the run config, which the server
+    and every client share; only the seeds define theta* and P. With ``privacy`` on, both
+    are clipped and noised here, before anything is sent (``elora_fed.privacy``).
+    """
+    node = node_for(content, context)
+    if node.config.affinity.mode == "secure":  # the statistics stay here, for the SecAgg+ rounds (``clients.secure``)
+        client_id, _, rows = _statistics(content, context)
+        return RecordDict(
+            {"sketch_meta": ConfigRecord({"client_id": client_id}), "metrics": MetricRecord({"projected-rows": rows})}
+        )
+    result = _sketch(node)
+    if node.config.affinity.mode == "private":
+        reply = statistics_to_record(result.client_id, released_statistics(result, node.config))
+    else:
+        reply = sketch_to_record(released_sketch(result, node.config))
+    reply["metrics"] = MetricRecord({"projected-rows": len(result.outputs)})
+    return reply
+
+
+def _sketch(node: Node) -> ClientSketch:
+    load_adapter_state(node.model, node.theta_star)
+    projector, metadata = sketch_setup(node.model, node.config)
+    sk = node.config.sketch
+    pad = _tokenizer(node.config.model).pad_token_id
+    with node.compute():
+        return sketch_client(
+            node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad
+        )
+
+
+_STATISTICS = StatisticsCache()
+
+
+def _statistics(content: RecordDict, context: Context) -> tuple[str, ClientStatistics, int]:
+    """Secure mode: this client's released statistics, computed once per run (``clients.secure``)."""
+    node = node_for(content, context)
+
+    def compute() -> tuple[ClientStatistics, int]:
+        result = _sketch(node)
+        return released_statistics(result, node.config), len(result.outputs)
+
+    stats, rows = _STATISTICS.get(node.config, node.client.client_id, context, compute)
+    return node.client.client_id, stats, rows
+
+
+@measured
+def secagg_content(content: RecordDict, context: Context) -> RecordDict:
+    return secure_statistics_content(content, context, _statistics)
+
+
+@measured
+def surrogate_content(content: RecordDict, context: Context) -> RecordDict:
+    return surrogate_losses_content(content, context, _statistics)
+
+
+@measured
+def train_content(content: RecordDict, context: Context) -> RecordDict:
+    """``local-steps`` Adam steps on this client's train split.
+
+    Objective ``fit``: the log loss of every target (group adapters). ``boost``: least
+    squares of the new adapter's change of h from theta* against the residuals of the
+    group's current ensemble (carried in the request).
+    """
+    node = node_for(content, context)
+    with node.compute():
+        options = content.config_records["config"]
+        batches = node.batches("train", int(number(options, "batch-size")))
+        objective: Objective = target_log_loss
+        if str(options.get("objective", "fit")) == "boost":
+            (group,) = ensemble_from(content).values()
+            objective = boost_objective(*_boost_targets(node, batches, group))
+        load_adapter_state(node.model, content.array_records["arrays"].to_torch_state_dict())
+        seed = zlib.crc32(f"{options.get('seed', '')!s}:{node.client.client_id}".encode())
+        losses = train_adapter(
+            node.model,
+            batches,
+            steps=int(number(options, "local-steps")),
+            lr=number(options, "lr"),
+            seed=seed,
+            objective=objective,
+            proximal_mu=number(options, "proximal-mu", 0.0),
+        )
+        metrics: Metrics = {
+            "num-examples": sum(len(b) for b in batches),
+            "train-loss": float(np.mean(losses)),
+        }
+        return RecordDict({"arrays": ArrayRecord(adapter_state(node.model)), "metrics": MetricRecord(metrics)})
+
+
+def _boost_targets(
+    node: Node, batches: list[Batch], group: GroupAdapters
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per batch: residuals r = 1 - p under the group's ensemble, and h at theta*."""
+    targets, base = [], []
+    for batch in batches:
+        h = group_outputs(node.model, [batch], group, node.theta_star, node.config.boost.eta).per_sample()
+        targets.append(residual_targets(h))
+        base.append(adapter_outputs(node.model, [batch], node.theta_star).per_sample())
+    return targets, base
+
+
+@measured
+def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
+    """Evaluate the groups in the request on ``split``, combined with ``weights``.
+
+    With ``fit-weights`` the weights are learned here first, on this same split (the server
+    sends the validation split for that), and returned. The reply also holds each group's
+    own loss and accuracy, and with ``with-base`` those of theta* (no training). Accuracy is
+    top-1 (``elora_fed.ensemble``); the combination's is sent only for given weights.
+    """
+    node = node_for(content, context)
+    with node.compute():
+        options = content.config_records["config"]
+        groups = ensemble_from(content)
+        if not groups:
+            raise DataError("evaluate request without adapters")
+        batches = node.batches(str(options["split"]))
+        finetune = int(number(options, "finetune-steps", 0))
+        if finetune > 0:
+            groups = {g: _finetuned(node, group, finetune) for g, group in groups.items()}
+        fit = bool(options.get("fit-weights", False))
+        given = None if fit else np.asarray(options["weights"], dtype=np.float64)
+        result = evaluate_ensemble(
+            node.model,
+            batches,
+            list(groups.values()),
+            node.theta_star,
+            node.config.boost.eta,
+            given,
+            with_base=bool(options.get("with-base", False)),
+        )
+        outputs = result.groups
+        metrics: Metrics = {
+            "group-loss": [o.loss() for o in outputs],
+            "group-accuracy": [o.accuracy() for o in outputs],
+        }
+        if fit:  # weights learned on this split; their combination has no top-1 record (nor needs one)
+            ens = node.config.ensemble
+            weights = fit_weights(outputs, ens.weight_steps, ens.weight_lr)
+            combined = combine(outputs, weights)
+        else:
+            assert given is not None and result.combined is not None
+            weights, combined = given, result.combined
+            metrics["accuracy"] = combined.accuracy()
+        metrics.update({"loss": combined.loss(), "num-examples": combined.num_targets})
+        metrics["weights"] = [float(w) for w in weights]
+        if result.base is not None:
+            metrics.update({"base-loss": result.base.loss(), "base-accuracy": result.base.accuracy()})
+        return RecordDict({"metrics": MetricRecord(metrics)})
+
+
+def _finetuned(node: Node, group: GroupAdapters, steps: int) -> GroupAdapters:
+    """MTL-FT: the group adapter after ``steps`` local steps on this client's train split."""
+    if group.boosts:
+        raise DataError("local fine-tuning (finetune-steps) applies to a plain group adapter, not a boosted one")
+    tc = node.config.train
+    load_adapter_state(node.model, group.base)
+    seed = zlib.crc32(f"{node.config.seed}:finetune:{node.client.client_id}".encode())
+    train_adapter(node.model, node.batches("train", tc.batch_size), steps, tc.lr, seed, target_log_loss)
+    return GroupAdapters(adapter_state(node.model))
+
+
+@measured
+def boost_content(content: RecordDict, context: Context) -> RecordDict:
+    """r = 1 - p per train sample under the group's current ensemble, its training loss, and (if asked) ridge statistics.
+
+    The server holds the train features from the sketch phase in exact mode (theta* and P
+    do not change) and needs only the residuals. In private mode it has no per-sample
+    features, so it asks for ``ridge-statistics``: G^T G and G^T r of this client's train
+    samples, additive over clients like the affinity statistics.
+    """
+    node = node_for(content, context)
+    with node.compute():
+        (group,) = ensemble_from(content).values()
+        batches = node.batches("train")
+        outputs = group_outputs(node.model, batches, group, node.theta_star, node.config.boost.eta)
+        residuals = residual_targets(outputs.per_sample()).numpy().astype(np.float64)
+        arrays = {"sample_index": np.arange(len(residuals), dtype=np.int32), "residuals": residuals}
+        options = content.config_records.get("options")
+        if options is not None and bool(options.get("ridge-statistics", False)):
+            load_adapter_state(node.model, node.theta_star)
+            projector, _ = sketch_setup(node.model, node.config)
+            features = sketch_batches(node.model, batches, projector, node.config.sketch.buffer_mb).features.numpy()
+            arrays["gram"], arrays["moment"] = ridge_statistics(features, residuals)
+        metrics: Metrics = {
+            "num-examples": len(residuals),
+            "loss": outputs.loss(),
+            "targets": outputs.num_targets,
+            "projected-rows": len(features) if "gram" in arrays else 0,
+        }
+        records = {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        return RecordDict({"boost": ArrayRecord(records), "metrics": MetricRecord(metrics)})
+
+
+def _count(client: Samples, split: str) -> int:
+    if isinstance(client, ClientSamples):
+        return len(client.splits[split])
+    return len(client.splits[split].labels)
+
+
+HANDLERS: dict[str, Callable[[RecordDict, Context], RecordDict]] = {
+    "stats": stats_content,
+    "sketch": sketch_content,
+    "secagg": secagg_content,
+    "surrogate_losses": surrogate_content,
+    "train": train_content,
+    "evaluate": evaluate_content,
+    "boost": boost_content,
+}
+"""Every message kind's handler, by the name ``clients.app`` routes it under."""
