@@ -1,4 +1,4 @@
-"""Task affinity from surrogate fine-tuning of sampled subsets (METHOD.md §4), and the gradient-cosine baseline.
+"""Task affinity from surrogate fine-tuning of sampled subsets (docs/METHOD.md §4), and the gradient-cosine baseline.
 
 Sample subsets of a fixed size so that every pair of tasks shares at least one subset,
 estimate every member's validation loss after fine-tuning on each subset (``surrogate``),

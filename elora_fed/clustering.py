@@ -3,7 +3,7 @@
 A partition into m groups with 0/1 indicators v_c has average within-cluster density
 (1/m) sum_c v_c' T v_c / v_c' v_c. Its matrix Z = sum_c v_c v_c' / |c| is symmetric, PSD,
 entrywise nonnegative, has Z 1 = 1 and trace m, and <T, Z> = sum_c v_c' T v_c / |c|. Dropping
-"Z comes from a partition" leaves a semidefinite program (METHOD.md section 4):
+"Z comes from a partition" leaves a semidefinite program (docs/METHOD.md section 4):
 
     max <T, Z>  (+ trace_penalty * trace(Z) when m is free)
     s.t. Z 1 = 1, Z >= 0, Z PSD, trace(Z) = m.

@@ -298,7 +298,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class BoostConfig:
-    """Boosting after group training (METHOD.md, section 5.2).
+    """Boosting after group training (docs/METHOD.md, section 5.2).
 
     Up to ``steps`` times, the group with the highest training loss gets a new adapter fit by
     least squares to the residuals r = 1 - p of its current ensemble, as a change of the

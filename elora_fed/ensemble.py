@@ -3,7 +3,7 @@
 Every prediction is the scalar log-odds h of a target (``elora_fed.log_odds``). A group's
 output is its FedAvg adapter's h plus ``eta`` times each boosting adapter's *change* of h
 from theta* (h_t - h*): a boosting adapter is fit to residuals as such a change, so the
-same scalar it was fit to is what gets added (METHOD.md's scale trap). A client's
+same scalar it was fit to is what gets added (docs/METHOD.md's scale trap). A client's
 prediction is a weighted sum of the groups' outputs, with weights on the simplex learned
 on its validation split.
 

@@ -5,7 +5,7 @@ theta near theta*, to first order
 
     h(theta) ~ b + g . (B - B*) ~ b + g~ . P^T (B - B*),
 
-since a JL projection keeps inner products (METHOD.md, section 2), and only B enters: at
+since a JL projection keeps inner products (docs/METHOD.md, section 2), and only B enters: at
 theta* (B* = 0) the gradient with respect to A is zero. A group's output
 h_0 + eta * sum_t (h_t - h*) is then b + g~ . (v_0 + eta * sum_t v_t), with v = P^T (B - B*)
 for each of its adapters. These are estimates of each sample's mean h over its targets,

@@ -1,7 +1,6 @@
 """The CLI's jobs, each writing its own run directory.
 
-- ``run_check``: the end-to-end check of base model and data (the README's main job until
-  the federated pipeline lands). It prepares the configured clients, scores their
+- ``run_check``: the end-to-end check of base model and data (``elora-fed check``). It prepares the configured clients, scores their
   validation text under the base model in fp32 and 4-bit nf4 and under the tiny random
   model, attaches the seeded LoRA adapter and checks where its first gradient lands.
 - ``run_sketch``: every client's projected gradient features, one file per client.

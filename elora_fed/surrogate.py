@@ -1,4 +1,4 @@
-"""Surrogate fine-tuning of task subsets in sketch space (METHOD.md §3), batched over subsets.
+"""Surrogate fine-tuning of task subsets in sketch space (docs/METHOD.md §3), batched over subsets.
 
 Fine-tuning on the union of the tasks in a subset S is replaced by a regularized logistic
 regression on the tasks' projected gradient features, with loss(z) = log(1 + exp(-z)):

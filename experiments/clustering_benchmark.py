@@ -1,4 +1,4 @@
-"""Benchmark of the fast low-rank solver against cvxpy + SCS on the grouping relaxation (METHOD.md section 4).
+"""Benchmark of the fast low-rank solver against cvxpy + SCS on the grouping relaxation (docs/METHOD.md section 4).
 
 For each noise level, one synthetic affinity matrix with planted groups (``planted_affinity``:
 n tasks in m near-equal groups, 1 within, 0 across, plus symmetric Gaussian noise) is solved

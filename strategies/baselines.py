@@ -1,4 +1,4 @@
-"""The baselines EnsembleLoRA is judged against, as groupings for the same pipeline (METHOD.md section 6).
+"""The baselines EnsembleLoRA is judged against, as groupings for the same pipeline (docs/METHOD.md section 6).
 
 Each is a clustering class for ``strategies.clustering``; the rest of the pipeline (the same
 clients, splits, training budget and evaluation) is unchanged, so results compare like
