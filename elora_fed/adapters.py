@@ -21,6 +21,9 @@ from elora_fed.config import AdapterConfig
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.paths import atomic_directory
 
+AdapterState = dict[str, torch.Tensor]
+"""An adapter's trainable tensors by parameter name: what is sent, averaged, saved and loaded."""
+
 _ADAPTER_NAME = ".default."  # peft's name for the one adapter, which its saved files leave out
 
 
@@ -47,12 +50,12 @@ def attach_lora(model: PreTrainedModel, cfg: AdapterConfig) -> PeftModel:
     return peft_model
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state(model: nn.Module) -> AdapterState:
     """A copy of the trainable (adapter) tensors, by name."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_adapter_state(model: nn.Module, state: AdapterState) -> None:
     """Set the trainable tensors from ``state`` (e.g. back to theta*)."""
     params = dict(model.named_parameters())
     missing = set(state) - set(params)
@@ -63,7 +66,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
             params[name].copy_(value)
 
 
-def save_peft_adapter(state: dict[str, torch.Tensor], cfg: AdapterConfig, base_model: str, path: Path) -> Path:
+def save_peft_adapter(state: AdapterState, cfg: AdapterConfig, base_model: str, path: Path) -> Path:
     """Write ``state`` as a peft adapter directory (``PeftModel.from_pretrained`` loads it), atomically."""
     config = lora_config(cfg)
     config.base_model_name_or_path = base_model
@@ -74,7 +77,7 @@ def save_peft_adapter(state: dict[str, torch.Tensor], cfg: AdapterConfig, base_m
     return path
 
 
-def load_peft_adapter(path: Path) -> dict[str, torch.Tensor]:
+def load_peft_adapter(path: Path) -> AdapterState:
     """The adapter tensors of a directory written by ``save_peft_adapter``, named as in the model."""
     file = path / "adapter_model.safetensors"
     try:

@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from elora_fed.adapters import AdapterState
 from elora_fed.ensemble import GroupAdapters
 from elora_fed.errors import DataError
 from elora_fed.paths import atomic_directory
 from elora_fed.run_dir import write_json
-
-AdapterState = dict[str, torch.Tensor]
 
 
 @dataclass

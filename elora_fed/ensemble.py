@@ -24,11 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from elora_fed.adapters import load_adapter_state
+from elora_fed.adapters import AdapterState, load_adapter_state
 from elora_fed.batches import Batch
 from elora_fed.projection import JLProjector
-
-AdapterState = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ this is exactly softmax sampling at that temperature.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,7 @@ from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters, Outputs, evaluate_ensemble, group_candidates
 from elora_fed.errors import DataError
 from elora_fed.models import load_base_model, load_tokenizer
-
-_BOOST = re.compile(r"boost-(\d+)-group-(\d+)")
+from elora_fed.run_dir import boost_adapter_dirs, group_adapter_dir
 
 
 @dataclass(frozen=True)
@@ -162,15 +160,11 @@ def load_ensemble(run_dir: Path | str) -> RunEnsemble:
             f"{run_dir} is an MTL-FT run: its clients fine-tune locally at test time, and those adapters are not saved"
         )
     saved = json.loads((run_dir / "ensemble_weights.json").read_text())
-    boosts: dict[int, list[tuple[int, Path]]] = {}
-    for path in (run_dir / "adapters").iterdir():
-        match = _BOOST.fullmatch(path.name)
-        if match:
-            boosts.setdefault(int(match[2]), []).append((int(match[1]), path))
+    boosts = boost_adapter_dirs(run_dir)
     groups = {
         int(g): GroupAdapters(
-            load_peft_adapter(run_dir / "adapters" / f"group-{g}"),
-            [load_peft_adapter(p) for _, p in sorted(boosts.get(int(g), []))],
+            load_peft_adapter(group_adapter_dir(run_dir, int(g))),
+            [load_peft_adapter(p) for p in boosts.get(int(g), [])],
         )
         for g in saved["groups"]
     }

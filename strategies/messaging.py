@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -77,13 +77,25 @@ class Exchange:
 
 
 def content_bytes(message: Message) -> int:
-    """The payload size of a message: the bytes of its records."""
+    """The payload size of a message: the bytes of its records (``records_bytes``)."""
+    return records_bytes(message.content)
+
+
+def records_bytes(content: RecordDict) -> int:
+    """The bytes of a message's records.
+
+    Flower 1.42's ``count_bytes`` rejects a record holding an empty string (SecAgg+'s FitRes
+    status) or list; such a record's items are counted here instead: the key, 8 per number,
+    the length of each bytes or str value.
+    """
     total = 0
-    for record in message.content.values():
+    for record in content.values():
         try:
             total += record.count_bytes()
-        except ValueError:  # Flower 1.42's count_bytes rejects an empty string value: count its items
-            total += sum(len(str(key)) + len(repr(value)) for key, value in record.items())
+        except (ValueError, IndexError):  # an empty string raises ValueError, an empty list IndexError
+            for key, value in record.items():
+                values = value if isinstance(value, list) else [value]
+                total += len(key) + sum(len(v) if isinstance(v, str | bytes) else 8 for v in values)
     return total
 
 

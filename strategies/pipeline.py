@@ -44,7 +44,7 @@ from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.plots import affinity_heatmap
 from elora_fed.privacy import describe, markdown_lines, privacy_report
-from elora_fed.run_dir import create_run_dir, write_json
+from elora_fed.run_dir import boost_adapter_dir, create_run_dir, group_adapter_dir, write_json
 from elora_fed.surrogate import ClientStatistics, load_statistics, save_statistics
 from strategies.federation import Federation, discover, wait_for_nodes
 from strategies.ledger import Ledger
@@ -309,7 +309,7 @@ def _train(run: PipelineRun, fed: Federation, groups: dict[int, list[str]]) -> N
     arrays = GroupTraining(fed, "train").run(groups, arrays, strategies, first, last, on_round)
     for g, state in arrays.items():
         snap.adapters[f"group-{g}"] = state
-        save_peft_adapter(state, config.adapter, config.model.name, run.dir / "adapters" / f"group-{g}")
+        save_peft_adapter(state, config.adapter, config.model.name, group_adapter_dir(run.dir, g))
     snap.objects.pop("strategies", None)
 
 
@@ -380,9 +380,7 @@ def _boost(
             known.update(checked)
             t = len(candidate.boosts) - 1
             run.snapshot.adapters[f"boost-{g}-{t}"] = adapter
-            save_peft_adapter(
-                adapter, config.adapter, config.model.name, run.dir / "adapters" / f"boost-{step}-group-{g}"
-            )
+            save_peft_adapter(adapter, config.adapter, config.model.name, boost_adapter_dir(run.dir, step, g))
             losses[g] = after[g]
             info["group_train_loss"][str(g)] = after[g]
         else:

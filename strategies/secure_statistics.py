@@ -77,7 +77,7 @@ from elora_fed.surrogate import (
     statistics_from_aggregate,
 )
 from strategies.federation import Federation, GroupGrid
-from strategies.messaging import Exchange, console
+from strategies.messaging import Exchange, console, content_bytes
 
 
 class _SubsetSum(Strategy):
@@ -147,26 +147,12 @@ class _BookedGrid(GroupGrid):
             ),
             sent=len(messages),
             seconds=time.perf_counter() - start,
-            bytes_sent={m.metadata.dst_node_id: _payload_bytes(m) for m in messages},
-            bytes_received={r.metadata.src_node_id: _payload_bytes(r) for r in ok},
+            bytes_sent={m.metadata.dst_node_id: content_bytes(m) for m in messages},
+            bytes_received={r.metadata.src_node_id: content_bytes(r) for r in ok},
         )
         with self.lock:
             self.fed.ledger.record(self.fed.phase, result, {n: c for c, n in self.fed.node_of.items()})
         return replies
-
-
-def _payload_bytes(message: Message) -> int:
-    """Bytes of a message's records. Flower's ``ConfigRecord.count_bytes`` fails on an empty string (SecAgg+'s
-    FitRes status) or list, so config and metric values are counted here: 8 per number, the length of bytes and str."""
-    total = 0
-    for record in message.content.values():
-        if isinstance(record, ArrayRecord):
-            total += record.count_bytes()
-            continue
-        for key, value in record.items():
-            values = value if isinstance(value, list) else [value]
-            total += len(key) + sum(len(v) if isinstance(v, str | bytes) else 8 for v in values)
-    return total
 
 
 def secure_sum(fed: Federation, grid: Grid, node_ids: Sequence[int], round_id: int = 1) -> np.ndarray:

@@ -44,3 +44,16 @@ def test_baseline_groupings():
     assert labels.tolist() == RandomGroups(config).group(None, ids).tolist()  # seeded
     with pytest.raises(ConfigError, match="num_groups"):
         RandomGroups(RunConfig())
+
+
+def test_message_bytes_count_the_records_that_flowers_own_count_rejects():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from strategies.messaging import records_bytes
+
+    arrays = ArrayRecord({"x": Array(np.zeros(4, dtype=np.float32))})
+    counted = records_bytes(RecordDict({"a": arrays}))
+    assert counted == arrays.count_bytes() > 16
+    # Flower 1.42 raises on an empty string (ValueError) and an empty list (IndexError): counted per item instead
+    odd = ConfigRecord({"status": "", "empty": [], "n": 3, "s": ["ab", "c"]})
+    assert records_bytes(RecordDict({"a": arrays, "c": odd})) == counted + len("status") + len("empty") + 1 + 8 + 1 + 3
