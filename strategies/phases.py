@@ -190,6 +190,7 @@ class GroupTraining:
         limits = UpdateLimits.from_config(config.federation)
         for rnd in range(first_round, rounds + 1):
             messages: list[Message] = []
+            proximal_mu: dict[str, float] = {}  # what FedProx-style strategies told the clients
             for g, members in groups.items():
                 random.seed(zlib.crc32(f"{config.seed}:{self.label}:{g}:{rnd}".encode()))
                 view = GroupGrid(self.fed.grid, [self.fed.node_of[c] for c in sorted(members)])
@@ -203,6 +204,9 @@ class GroupTraining:
                     }
                 )
                 for message in strategies[g].configure_train(rnd, ArrayRecord(arrays[g]), options, view):
+                    sent = message.content.config_records.get("config", ConfigRecord())
+                    if "proximal-mu" in sent:
+                        proximal_mu[str(g)] = number(sent, "proximal-mu")
                     message.content["run"] = run_record(config)
                     if ensemble is not None:
                         for name, record in ensemble_records({g: ensemble[g]}).items():
@@ -223,7 +227,10 @@ class GroupTraining:
                     losses[str(g)] = float(metrics["train-loss"])  # type: ignore[arg-type]
             if rejected:
                 console.log(f"{self.label} round {rnd}: rejected updates {dict(rejected)}")
-            round_metrics = {"round": rnd, "train_loss": losses, "rejected": dict(rejected)}
+            round_metrics: dict[str, Any] = {"round": rnd, "train_loss": losses, "rejected": dict(rejected)}
+            round_metrics["aggregation"] = {str(g): type(strategies[g]).__name__ for g in groups}
+            if proximal_mu:
+                round_metrics["proximal_mu"] = proximal_mu
             if on_round(rnd, arrays, {**round_metrics, **exchange_metrics(result)}):
                 break
         return arrays

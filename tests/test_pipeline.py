@@ -252,6 +252,7 @@ def test_custom_clustering_fedadam_trained_boosting_and_a_validation_curve(tmp_p
     assert "boost-train" in [m["phase"] for m in metrics]
     curve = [m for m in metrics if m["phase"] == "train"]
     assert all(np.isfinite(m["validation_loss"]) and 0 <= m["validation_accuracy"] <= 1 for m in curve)
+    assert all(set(m["aggregation"].values()) == {"FedAdam"} for m in curve)  # the configured strategy ran
     # patience 1: training ran until the first round whose validation loss was not a new best
     losses = [m["validation_loss"] for m in curve]
     first_worse = next((r for r in range(1, len(losses)) if losses[r] >= min(losses[:r])), None)
@@ -277,6 +278,12 @@ def test_classification_clients_private_affinity_and_fedprox(tmp_path):
     assert np.load(run_dir / "affinity.npy").shape == (report["num_clients"],) * 2
     accuracies = [r["test_accuracy"] for r in report["clients"]]
     assert all(0 <= a <= 1 for a in accuracies)
+    # FedProx ran, and every group's clients were sent its proximal term
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [m for m in rounds if m["phase"] == "train"]
+    assert rounds and all(set(m["aggregation"].values()) == {"FedProx"} for m in rounds)
+    assert all(m["proximal_mu"].keys() == m["aggregation"].keys() for m in rounds)
+    assert all(mu > 0 for m in rounds for mu in m["proximal_mu"].values())
 
 
 def test_bad_strategy_path_fails_before_the_simulation_starts(tmp_path):
