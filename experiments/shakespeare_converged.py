@@ -296,13 +296,22 @@ def write_report(results: Path, budget: dict[str, Any], seeds: list[int]) -> dic
         "budget": budget,
         "methods": methods,
     }
-    ens = methods.get("ensemble")
     for base, name in (("qlora", "qlora"), ("random", "random"), ("mtl-ft", "mtlft")):
-        if ens and base in methods:
-            ref = methods[base]
-            out[f"loss_change_vs_{name}"] = ens["test_loss"]["mean"] / ref["test_loss"]["mean"] - 1
-            out[f"compute_ratio_vs_{name}"] = ens["flops_paper"]["mean"] / ref["flops_paper"]["mean"]
-            out[f"compute_ratio_vs_{name}_full"] = ens["flops_full"]["mean"] / ref["flops_full"]["mean"]
+        if "ensemble" in by_method and base in by_method:
+            # Seeds change the splits: compare the two methods on the seeds both have finished.
+            common = {r["settings"]["seed"] for r in by_method["ensemble"]} & {
+                r["settings"]["seed"] for r in by_method[base]
+            }
+            ens_runs = [r for r in by_method["ensemble"] if r["settings"]["seed"] in common]
+            ref_runs = [r for r in by_method[base] if r["settings"]["seed"] in common]
+            out[f"seeds_vs_{name}"] = sorted(common)
+
+            def mean(rs: list[dict[str, Any]], value: Any) -> float:
+                return float(np.mean([value(r) for r in rs]))
+
+            out[f"loss_change_vs_{name}"] = mean(ens_runs, average_test_loss) / mean(ref_runs, average_test_loss) - 1
+            out[f"compute_ratio_vs_{name}"] = mean(ens_runs, paper_flops) / mean(ref_runs, paper_flops)
+            out[f"compute_ratio_vs_{name}_full"] = mean(ens_runs, full_flops) / mean(ref_runs, full_flops)
             diff = per_client_difference(by_method["ensemble"], by_method[base])
             if len(diff):
                 out[f"paired_mean_difference_vs_{name}"] = float(diff.mean())
@@ -312,6 +321,11 @@ def write_report(results: Path, budget: dict[str, Any], seeds: list[int]) -> dic
     (results.parent / f"{results.name}.md").write_text(markdown(out))
     plot(results, out)
     return out
+
+
+def average_test_loss(run: dict[str, Any]) -> float:
+    """A finished run's average test loss over its clients (the method's own prediction)."""
+    return float(run["average"]["ensemble"]["test_loss"])
 
 
 def plot(results: Path, out: dict[str, Any]) -> None:
@@ -384,7 +398,9 @@ def markdown(out: dict[str, Any]) -> str:
         )
     lines.append("")
     for key, value in out.items():
-        if key.startswith(("loss_change", "compute_ratio", "paired")):
+        if key.startswith("seeds_vs"):
+            lines.append(f"- `{key}` (the seeds the comparisons below use): {value}")
+        elif key.startswith(("loss_change", "compute_ratio", "paired")):
             if isinstance(value, list):
                 shown = f"[{value[0]:+.4f}, {value[1]:+.4f}]"
             else:
