@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,8 @@ def load_classification_tasks(
         return _load_hf(source.removeprefix(HF_PREFIX), val_fraction, test_fraction)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataError(f"classification data file not found: {path}")
+        hint = " (set it up with `elora-fed fetch-data --bigbench`)" if "bigbench" in str(path) else ""
+        raise DataError(f"classification data file not found: {path}{hint}")
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
     reader = readers.get(path.suffix.lower())
     if reader is None:
@@ -151,6 +153,27 @@ def split_task(task: ClassificationTask, num_clients: int) -> list[Classificatio
         for i, sample in enumerate(samples):
             dealt[client_of[i]][split].append(sample)
     return [ClassificationTask(f"{task.name}#{i}", task.label_words, splits) for i, splits in enumerate(dealt)]
+
+
+def cap_train(task: ClassificationTask, limit: int) -> ClassificationTask:
+    """Keep at most ``limit`` train samples, with the split's label mix (``data.max_train_samples``).
+
+    Each label keeps its share of the cut, its samples taken in file order: samples are
+    ranked by their position within their label, (rank + 1/2) / label count, and the
+    lowest ``limit`` ranks stay, in file order. Validation and test stay whole, so
+    accuracies stay comparable across caps. ``limit = 0`` or a smaller split: unchanged.
+    """
+    train = task.splits["train"]
+    if not limit or len(train) <= limit:
+        return task
+    totals = Counter(label for _, label in train)
+    seen: Counter[int] = Counter()
+    ranks = []
+    for _, label in train:
+        ranks.append((seen[label] + 0.5) / totals[label])
+        seen[label] += 1
+    kept = sorted(sorted(range(len(train)), key=lambda i: ranks[i])[:limit])
+    return ClassificationTask(task.name, task.label_words, {**task.splits, "train": [train[i] for i in kept]})
 
 
 def tokenize_task(task: ClassificationTask, tokenizer: PreTrainedTokenizerBase, max_len: int) -> ClassificationSamples:

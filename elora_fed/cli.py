@@ -134,12 +134,16 @@ def _convert_model(args: argparse.Namespace) -> None:
 
 
 def _data_stats(args: argparse.Namespace) -> None:
-    from elora_fed.federated_data import load_lm_clients
+    from elora_fed.federated_data import classification_stats, load_classification_clients, load_lm_clients
     from elora_fed.models import load_tokenizer
 
     config = _config(args)
-    samples = load_lm_clients(config.data, load_tokenizer(config.model))
-    print(json.dumps(samples.stats(), indent=2))
+    tokenizer = load_tokenizer(config.model)
+    if config.data.source == "classification":
+        stats = classification_stats(load_classification_clients(config.data, tokenizer))
+    else:
+        stats = load_lm_clients(config.data, tokenizer).stats()
+    print(json.dumps(stats, indent=2))
 
 
 def _predict(args: argparse.Namespace) -> None:

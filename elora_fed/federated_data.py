@@ -8,14 +8,24 @@ per client (``elora_fed.classification``).
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from elora_fed import lm_samples, shakespeare, shakespeare_hub
-from elora_fed.classification import ClassificationSamples, load_classification_tasks, split_task, tokenize_task
+from elora_fed.classification import (
+    ClassificationSamples,
+    LabelledPrompts,
+    cap_train,
+    load_classification_tasks,
+    split_task,
+    tokenize_task,
+)
 from elora_fed.config import DataConfig
 from elora_fed.lm_samples import ClientSamples, FederatedSamples
+from elora_fed.splits import SPLITS
 
 
 def shakespeare_texts_dir(cfg: DataConfig) -> Path:
@@ -40,10 +50,34 @@ def load_lm_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Fede
 
 
 def load_classification_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[ClassificationSamples]:
-    """``clients_per_task`` tokenized clients per task, sorted by id; prompts hold at most ``seq_len`` tokens."""
+    """``clients_per_task`` tokenized clients per task, sorted by id; prompts hold at most ``seq_len`` tokens.
+
+    Each client keeps at most ``max_train_samples`` train samples (0: all).
+    """
     tasks = load_classification_tasks(cfg.path, cfg.val_fraction, cfg.test_fraction)
-    clients = sorted((c for task in tasks for c in split_task(task, cfg.clients_per_task)), key=lambda c: c.name)
+    dealt = (cap_train(c, cfg.max_train_samples) for task in tasks for c in split_task(task, cfg.clients_per_task))
+    clients = sorted(dealt, key=lambda c: c.name)
     return [tokenize_task(client, tokenizer, cfg.seq_len) for client in clients]
+
+
+def classification_stats(clients: list[ClassificationSamples]) -> dict[str, Any]:
+    """What ``elora-fed data-stats`` prints for a classification source: per client, each split's
+    size, its count per label index, and its prompt lengths in tokens."""
+
+    def split_stats(prompts: LabelledPrompts) -> dict[str, Any]:
+        lengths = [len(ids) for ids in prompts.input_ids]
+        counts = Counter(prompts.labels)
+        return {
+            "samples": len(prompts.labels),
+            "per_label": [counts[i] for i in range(max(counts, default=-1) + 1)],
+            "max_tokens": max(lengths, default=0),
+            "mean_tokens": round(sum(lengths) / max(len(lengths), 1), 1),
+        }
+
+    splits = {c.client_id: {s: split_stats(p) for s, p in c.splits.items()} for c in clients}
+    per_client = {c.client_id: {"labels": len(c.label_token_ids), **splits[c.client_id]} for c in clients}
+    totals = {s: sum(v[s]["samples"] for v in splits.values()) for s in SPLITS}
+    return {"clients": len(clients), "samples": totals, "per_client": per_client}
 
 
 def load_clients(

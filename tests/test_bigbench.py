@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,13 @@ from transformers import PreTrainedTokenizerBase
 
 from elora_fed import bigbench, cli
 from elora_fed.bigbench import LABEL_WORDS, SDIST_SHA256, TASKS_ROOT, convert_task, fetch_bigbench, stratified_split
-from elora_fed.classification import ClassificationTask, label_token_ids, load_classification_tasks, split_task
+from elora_fed.classification import (
+    ClassificationTask,
+    cap_train,
+    label_token_ids,
+    load_classification_tasks,
+    split_task,
+)
 from elora_fed.config import DataConfig, RunConfig
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.federated_data import load_classification_clients
@@ -285,3 +292,36 @@ def test_clients_per_task_in_the_run_config(converted: Path, tokenizer: PreTrain
         RunConfig.from_flat({"data.source": "classification", "data.path": "x.jsonl", "data.clients_per_task": 0})
     with pytest.raises(ConfigError, match="data.clients_per_task = 2 needs data.source = 'classification'"):
         RunConfig.from_flat({"data.clients_per_task": 2})
+
+
+def test_max_train_samples_keeps_the_label_mix_and_leaves_validation_and_test_whole(
+    converted: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    sports = next(t for t in load_classification_tasks(str(converted)) if t.name == "sports_understanding")
+    capped = cap_train(sports, 4)  # 8 train samples, 4 of each label
+    assert Counter(label for _, label in capped.splits["train"]) == {0: 2, 1: 2}
+    assert sorted(capped.splits["train"], key=sports.splits["train"].index) == capped.splits["train"]
+    assert {s: capped.splits[s] for s in ("validation", "test")} == {
+        s: sports.splits[s] for s in ("validation", "test")
+    }
+    assert cap_train(sports, 0) == sports and cap_train(sports, 100) == sports
+    assert len(cap_train(sports, 3).splits["train"]) == 3
+    cfg = DataConfig(source="classification", path=str(converted), seq_len=128, max_train_samples=2)
+    assert all(len(c.splits["train"].labels) <= 2 for c in load_classification_clients(cfg, tokenizer))
+    with pytest.raises(ConfigError, match="data.max_train_samples = 5 needs data.source = 'classification'"):
+        RunConfig.from_flat({"data.max_train_samples": 5})
+
+
+def test_data_stats_of_a_classification_source(converted: Path, tmp_path: Path) -> None:
+    settings = ["--set", "data.source='classification'", "--set", f"data.path='{converted}'"]
+    settings += ["--set", "data.seq_len=128", "--set", "model.name='tiny-random'", "--set", "data.max_train_samples=4"]
+    done = subprocess.run(
+        [sys.executable, "-m", "elora_fed.cli", "data-stats", *settings], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    stats = json.loads(done.stdout)
+    assert stats["clients"] == len(TASKS)
+    sports = stats["per_client"]["sports_understanding"]
+    assert sports["train"]["samples"] == 4 and sports["train"]["per_label"] == [2, 2]
+    assert stats["samples"]["test"] == sum(c["test"]["samples"] for c in stats["per_client"].values())
+    assert 0 < sports["test"]["max_tokens"] <= 128
