@@ -155,25 +155,37 @@ def split_task(task: ClassificationTask, num_clients: int) -> list[Classificatio
     return [ClassificationTask(f"{task.name}#{i}", task.label_words, splits) for i, splits in enumerate(dealt)]
 
 
-def cap_train(task: ClassificationTask, limit: int) -> ClassificationTask:
-    """Keep at most ``limit`` train samples, with the split's label mix (``data.max_train_samples``).
+def cap_samples(task: ClassificationTask, limit: int) -> ClassificationTask:
+    """Keep at most about ``limit`` samples in all, each split its share, with its label mix.
 
-    Each label keeps its share of the cut, its samples taken in file order: samples are
-    ranked by their position within their label, (rank + 1/2) / label count, and the
-    lowest ``limit`` ranks stay, in file order. Validation and test stay whole, so
-    accuracies stay comparable across caps. ``limit = 0`` or a smaller split: unchanged.
+    ``data.max_samples_per_client`` for classification. A split of n of the task's N samples
+    keeps floor(limit * n / N) of them (at least one). Within a split each label keeps its
+    share, its samples taken in file order: samples rank by their position within their
+    label, (rank + 1/2) / label count, and the lowest ranks stay, in file order. ``limit =
+    0`` or a smaller task: unchanged.
     """
-    train = task.splits["train"]
-    if not limit or len(train) <= limit:
+    total = sum(len(samples) for samples in task.splits.values())
+    if not limit or total <= limit:
         return task
-    totals = Counter(label for _, label in train)
+    return ClassificationTask(
+        task.name,
+        task.label_words,
+        {
+            split: _stratified_head(samples, max(1, limit * len(samples) // total))
+            for split, samples in task.splits.items()
+        },
+    )
+
+
+def _stratified_head(samples: Samples, keep: int) -> Samples:
+    totals = Counter(label for _, label in samples)
     seen: Counter[int] = Counter()
     ranks = []
-    for _, label in train:
+    for _, label in samples:
         ranks.append((seen[label] + 0.5) / totals[label])
         seen[label] += 1
-    kept = sorted(sorted(range(len(train)), key=lambda i: ranks[i])[:limit])
-    return ClassificationTask(task.name, task.label_words, {**task.splits, "train": [train[i] for i in kept]})
+    kept = sorted(sorted(range(len(samples)), key=lambda i: ranks[i])[:keep])
+    return [samples[i] for i in kept]
 
 
 def tokenize_task(task: ClassificationTask, tokenizer: PreTrainedTokenizerBase, max_len: int) -> ClassificationSamples:

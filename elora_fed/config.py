@@ -87,9 +87,8 @@ class DataConfig:
     ``num_clients = 0`` keeps every client with at least ``min_samples`` samples; otherwise
     the largest ones. ``max_samples_per_client = 0`` means no cap. ``clients_per_task = K``
     deals each classification task to K clients (``task#0`` .. ``task#K-1``), so a
-    benchmark of a few tasks runs as a larger federation. ``max_train_samples = N`` keeps at
-    most N train samples per classification client, with the split's label mix (validation
-    and test stay whole); 0 keeps all.
+    benchmark of a few tasks runs as a larger federation. A classification client capped by
+    ``max_samples_per_client`` keeps each split's share of the cap, with its label mix.
     """
 
     source: str = "shakespeare"
@@ -101,7 +100,6 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     clients_per_task: int = 1
-    max_train_samples: int = 0
 
     def validate(self) -> None:
         _check_choice("data.source", self.source, DATA_SOURCES)
@@ -119,18 +117,12 @@ class DataConfig:
         if self.source == "classification" and not self.path:
             raise ConfigError("data.source = 'classification' needs data.path (a JSONL/CSV file or a datasets name)")
         _check_range("data.clients_per_task", self.clients_per_task, low=1)
-        _check_range("data.max_train_samples", self.max_train_samples, low=0)
-        if self.max_train_samples and self.source != "classification":
-            raise ConfigError(
-                f"data.max_train_samples = {self.max_train_samples} needs data.source = 'classification': "
-                f"{self.source} clients are capped by data.max_samples_per_client"
-            )
         if self.clients_per_task > 1 and self.source != "classification":
             raise ConfigError(
                 f"data.clients_per_task = {self.clients_per_task} needs data.source = 'classification': "
                 f"the clients of {self.source} are speaking roles"
             )
-        if 0 < self.max_samples_per_client < self.min_samples:
+        if 0 < self.max_samples_per_client < self.min_samples and self.source != "classification":
             raise ConfigError(
                 f"data.max_samples_per_client = {self.max_samples_per_client} is below "
                 f"data.min_samples = {self.min_samples}: no client could be kept"
@@ -588,12 +580,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The paper's multi-task classification setting on BIG-bench's ten tasks (set up once with
     # `elora-fed fetch-data --bigbench`): one client per task, prompts of at most 128 tokens
-    # (as the fetch filters them), at most 200 train samples per task; validation and test whole.
+    # (as the fetch filters them), at most 250 samples per task: 200 train, 25 validation and
+    # 25 test for the tasks with 2,000 (each split keeps its share, with its label mix).
     "bigbench": {
         "data.source": "classification",
         "data.path": str(bigbench_dir() / BIGBENCH_JSONL),
         "data.seq_len": 128,
-        "data.max_train_samples": 200,
+        "data.max_samples_per_client": 250,
     },
 }
 

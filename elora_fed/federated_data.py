@@ -18,7 +18,7 @@ from elora_fed import lm_samples, shakespeare, shakespeare_hub
 from elora_fed.classification import (
     ClassificationSamples,
     LabelledPrompts,
-    cap_train,
+    cap_samples,
     load_classification_tasks,
     split_task,
     tokenize_task,
@@ -52,10 +52,12 @@ def load_lm_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Fede
 def load_classification_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[ClassificationSamples]:
     """``clients_per_task`` tokenized clients per task, sorted by id; prompts hold at most ``seq_len`` tokens.
 
-    Each client keeps at most ``max_train_samples`` train samples (0: all).
+    Each client keeps at most about ``max_samples_per_client`` samples (0: all; ``cap_samples``).
     """
     tasks = load_classification_tasks(cfg.path, cfg.val_fraction, cfg.test_fraction)
-    dealt = (cap_train(c, cfg.max_train_samples) for task in tasks for c in split_task(task, cfg.clients_per_task))
+    dealt = (
+        cap_samples(c, cfg.max_samples_per_client) for task in tasks for c in split_task(task, cfg.clients_per_task)
+    )
     clients = sorted(dealt, key=lambda c: c.name)
     return [tokenize_task(client, tokenizer, cfg.seq_len) for client in clients]
 

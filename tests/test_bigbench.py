@@ -24,7 +24,7 @@ from elora_fed import bigbench, cli
 from elora_fed.bigbench import LABEL_WORDS, SDIST_SHA256, TASKS_ROOT, convert_task, fetch_bigbench, stratified_split
 from elora_fed.classification import (
     ClassificationTask,
-    cap_train,
+    cap_samples,
     label_token_ids,
     load_classification_tasks,
     split_task,
@@ -294,27 +294,32 @@ def test_clients_per_task_in_the_run_config(converted: Path, tokenizer: PreTrain
         RunConfig.from_flat({"data.clients_per_task": 2})
 
 
-def test_max_train_samples_keeps_the_label_mix_and_leaves_validation_and_test_whole(
+def test_max_samples_per_client_caps_each_split_by_its_share_with_its_label_mix(
     converted: Path, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     sports = next(t for t in load_classification_tasks(str(converted)) if t.name == "sports_understanding")
-    capped = cap_train(sports, 4)  # 8 train samples, 4 of each label
+    assert {s: len(v) for s, v in sports.splits.items()} == {"train": 8, "validation": 2, "test": 2}
+    capped = cap_samples(sports, 6)  # half of each split
+    assert {s: len(v) for s, v in capped.splits.items()} == {"train": 4, "validation": 1, "test": 1}
     assert Counter(label for _, label in capped.splits["train"]) == {0: 2, 1: 2}
-    assert sorted(capped.splits["train"], key=sports.splits["train"].index) == capped.splits["train"]
-    assert {s: capped.splits[s] for s in ("validation", "test")} == {
-        s: sports.splits[s] for s in ("validation", "test")
-    }
-    assert cap_train(sports, 0) == sports and cap_train(sports, 100) == sports
-    assert len(cap_train(sports, 3).splits["train"]) == 3
-    cfg = DataConfig(source="classification", path=str(converted), seq_len=128, max_train_samples=2)
-    assert all(len(c.splits["train"].labels) <= 2 for c in load_classification_clients(cfg, tokenizer))
-    with pytest.raises(ConfigError, match="data.max_train_samples = 5 needs data.source = 'classification'"):
-        RunConfig.from_flat({"data.max_train_samples": 5})
+    for split, samples in capped.splits.items():
+        assert sorted(samples, key=sports.splits[split].index) == samples  # file order
+    assert cap_samples(sports, 0) == sports and cap_samples(sports, 100) == sports
+    assert all(len(v) >= 1 for v in cap_samples(sports, 2).splits.values())
+    cfg = DataConfig(source="classification", path=str(converted), seq_len=128, max_samples_per_client=6)
+    assert all(len(c.splits["train"].labels) <= 4 for c in load_classification_clients(cfg, tokenizer))
 
 
 def test_data_stats_of_a_classification_source(converted: Path, tmp_path: Path) -> None:
     settings = ["--set", "data.source='classification'", "--set", f"data.path='{converted}'"]
-    settings += ["--set", "data.seq_len=128", "--set", "model.name='tiny-random'", "--set", "data.max_train_samples=4"]
+    settings += [
+        "--set",
+        "data.seq_len=128",
+        "--set",
+        "model.name='tiny-random'",
+        "--set",
+        "data.max_samples_per_client=6",
+    ]
     done = subprocess.run(
         [sys.executable, "-m", "elora_fed.cli", "data-stats", *settings], capture_output=True, text=True, cwd=tmp_path
     )
@@ -322,6 +327,6 @@ def test_data_stats_of_a_classification_source(converted: Path, tmp_path: Path) 
     stats = json.loads(done.stdout)
     assert stats["clients"] == len(TASKS)
     sports = stats["per_client"]["sports_understanding"]
-    assert sports["train"]["samples"] == 4 and sports["train"]["per_label"] == [2, 2]
+    assert sports["train"]["samples"] == 4 and sports["train"]["per_label"] == [2, 2] and sports["test"]["samples"] == 1
     assert stats["samples"]["test"] == sum(c["test"]["samples"] for c in stats["per_client"].values())
     assert 0 < sports["test"]["max_tokens"] <= 128
