@@ -1,23 +1,20 @@
-"""EnsembleLoRA against its baselines on Shakespeare roles at a converged training budget; resumable.
+"""EnsembleLoRA against its baselines at a converged training budget: a resumable experiment.
 
-The protocol (``PROTOCOL``): the 100 largest speaking roles, 32-token samples, at most 20
-per role, split 13 train, 3 validation and 4 test (test 20%, as the paper's 80/20 split),
-LoRA r=4 on SmolLM2-135M-Instruct, 3 local steps of 8 samples per round (about two local
-epochs), learning rate 0.005. Sized for a 2-core AVX2 CPU without native bf16, where
-``model.compute_dtype = "auto"`` runs fp32 and one training sample costs about 0.7 s: at
-60 samples per role (the issue's example) one EnsembleLoRA run would take several hours.
+An ``Experiment`` names the protocol (the config every run shares), the learning rates of
+the validation curve and the methods; ``experiments/shakespeare_converged.py`` and
+``experiments/classification_report.py`` each define one and call ``main``.
 
 Stages, each resumable (a finished run is skipped; an interrupted one continues from its
 pipeline checkpoint with ``elora-fed run --resume``):
-1. ``curve``: the one-adapter baseline trained up to ``CURVE_ROUNDS`` rounds at each
-   learning rate of ``CURVE_LRS``, with validation loss after every round, stopped after
-   ``CURVE_PATIENCE`` rounds without a new lowest. The budget for every method is the
+1. ``curve``: the one-adapter baseline trained up to ``curve_rounds`` rounds at each
+   learning rate of ``curve_lrs``, with validation loss after every round, stopped after
+   ``curve_patience`` rounds without a new lowest. The budget for every method is the
    learning rate with the lowest validation loss, and the earliest round within
-   ``PLATEAU_TOLERANCE`` (relative) of that curve's minimum: where validation loss stops
+   ``plateau_tolerance`` (relative) of that curve's minimum: where validation loss stops
    improving. Test data plays no part in the choice.
 2. ``runs``: the methods of ``plan()`` at that budget, the most important first.
-3. ``report``: tables, JSON and plots (the validation curves; test loss against compute)
-   from whatever has finished ("N of M runs").
+3. ``report``: tables, JSON and plots (the validation curves; the headline metric against
+   compute) from whatever has finished ("N of M runs").
 
 Compute, both ways: the paper's definition (``PAPER_PHASES``: the gradient pass, training
 and boosting, plus MTL-FT's local fine-tuning, which runs in its test phase and is
@@ -25,7 +22,7 @@ counted as its test FLOPs beyond one adapter's of the same seed) and the full co
 every pass.
 
 Every finished run writes ``<results>/runs/<key>.json``: its per-client test results, cost
-ledger and the commit it ran at. Run it from its own worktree at a fixed commit:
+ledger and the commit it ran at. Run an experiment from its own worktree at a fixed commit:
 
     git worktree add /work/converged <commit>
     cd /work/converged && nohup ../main/.venv/bin/python experiments/shakespeare_converged.py \\
@@ -40,6 +37,8 @@ import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,31 +47,41 @@ import numpy as np
 from elora_fed.config import parse_override
 from strategies.baselines import method_settings
 
-RESULTS = Path(__file__).resolve().parent / "results" / "shakespeare_converged"
-PROTOCOL: dict[str, Any] = {
-    "data.num_clients": 100,
-    "data.seq_len": 32,
-    "data.max_samples_per_client": 20,
-    "data.val_fraction": 0.15,
-    "data.test_fraction": 0.2,
-    "train.local_steps": 3,
-    "train.batch_size": 8,
-}
-CURVE_LRS = (0.005,)  # one learning rate: a second curve would cost as much as two more runs here
-CURVE_ROUNDS = 16
-CURVE_PATIENCE = 2  # the curve stops after 2 rounds without a lower validation loss
-PLATEAU_TOLERANCE = 0.001
-FINETUNE_STEPS = 10  # MTL-FT's local steps per client (2 local epochs); fixed, not tuned
-CORE = ("ensemble", "qlora", "random")
-EXTRA = ("ensemble-centered", "mtl-ft", "cosine", "local", "qlora-matched")
+RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_PHASES = ("sketch", "train", "boost")  # the paper's compute: gradient pass, training, boosting fits
+Run = dict[str, Any]  # a finished run's summary (``record``)
 
 
-def plan(seeds: list[int]) -> list[tuple[str, int, str]]:
+@dataclass(frozen=True)
+class Experiment:
+    """One comparison: its protocol, how its budget is chosen, and which methods run.
+
+    ``metric`` is the per-client result that the paired comparisons and the plot use
+    (``test_loss``, or ``test_accuracy`` for classification); ``extend`` adds an experiment's own entries to the
+    report from its methods' finished runs.
+    """
+
+    name: str  # results go to experiments/results/<name>/ and <name>.{json,md,png}
+    title: str
+    script: str
+    protocol: dict[str, Any]
+    curve_lrs: tuple[float, ...]
+    curve_rounds: int
+    finetune_steps: int  # MTL-FT's local steps per client; fixed, not tuned
+    curve_patience: int = 2  # the curve stops after this many rounds without a lower validation loss
+    plateau_tolerance: float = 0.001
+    core: tuple[str, ...] = ("ensemble", "qlora", "random")
+    extra: tuple[str, ...] = ("ensemble-centered", "mtl-ft", "cosine", "local", "qlora-matched")
+    nf4: tuple[str, ...] = ("ensemble", "qlora")
+    metric: str = "test_loss"
+    extend: Callable[[dict[str, list[Run]], dict[str, Any]], None] | None = field(default=None, compare=False)
+
+
+def plan(exp: Experiment, seeds: list[int]) -> list[tuple[str, int, str]]:
     """(method, seed, precision) in the order they run: core methods seed by seed, then the rest."""
-    runs = [(m, s, "bf16") for s in seeds for m in CORE]
-    runs += [(m, seeds[0], "bf16") for m in EXTRA]
-    runs += [(m, seeds[0], "nf4") for m in ("ensemble", "qlora")]
+    runs = [(m, s, "bf16") for s in seeds for m in exp.core]
+    runs += [(m, seeds[0], "bf16") for m in exp.extra]
+    runs += [(m, seeds[0], "nf4") for m in exp.nf4]
     return runs
 
 
@@ -154,56 +163,58 @@ def execute(results: Path, work: Path, key: str, settings: dict[str, Any]) -> di
     return summary
 
 
-def curve_stage(results: Path, work: Path, rounds: int) -> dict[str, Any]:
+def curve_stage(exp: Experiment, results: Path, work: Path, rounds: int) -> dict[str, Any]:
     """Run the learning curves and choose (learning rate, rounds) from validation loss alone."""
     curves = {}
-    for lr in CURVE_LRS:
+    for lr in exp.curve_lrs:
         settings = {
-            **PROTOCOL,
+            **exp.protocol,
             **seeded(0),
-            **method_settings("qlora", FINETUNE_STEPS, None),
+            **method_settings("qlora", exp.finetune_steps, None),
             "train.lr": lr,
             "train.rounds": rounds,
             "train.validation_every": 1,
-            "train.patience": CURVE_PATIENCE,
+            "train.patience": exp.curve_patience,
         }
         curves[lr] = execute(results, work, f"curve-lr{lr}", settings)["curve"]
-    return choose_budget(curves)
+    return choose_budget(exp, curves)
 
 
-def choose_budget(curves: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
+def choose_budget(exp: Experiment, curves: dict[float, list[dict[str, Any]]]) -> dict[str, Any]:
     best_lr = min(curves, key=lambda lr: min(p["validation_loss"] for p in curves[lr]))
     points = curves[best_lr]
     lowest = min(p["validation_loss"] for p in points)
-    rounds = next(p["round"] for p in points if p["validation_loss"] <= lowest * (1 + PLATEAU_TOLERANCE))
+    rounds = next(p["round"] for p in points if p["validation_loss"] <= lowest * (1 + exp.plateau_tolerance))
     return {
         "lr": best_lr,
         "rounds": int(rounds),
-        "local_steps": PROTOCOL["train.local_steps"],
+        "local_steps": exp.protocol["train.local_steps"],
         # reached when the curve rose after its lowest point (patience stopped it), not when it ran out of rounds
         "plateau_reached": min(points, key=lambda p: p["validation_loss"])["round"] < points[-1]["round"],
         "curves": {str(lr): c for lr, c in curves.items()},
-        "rule": f"lowest validation loss over lr in {list(CURVE_LRS)}; earliest round within "
-        f"{PLATEAU_TOLERANCE:.2%} of that curve's minimum",
+        "rule": f"lowest validation loss over lr in {list(exp.curve_lrs)}; earliest round within "
+        f"{exp.plateau_tolerance:.2%} of that curve's minimum",
     }
 
 
-def settings_for(method: str, seed: int, precision: str, budget: dict[str, Any], done: dict[str, Any]) -> dict | None:
+def settings_for(
+    exp: Experiment, method: str, seed: int, precision: str, budget: dict[str, Any], done: dict[str, Any]
+) -> dict | None:
     """A run's settings, or None while a run it depends on has not finished."""
-    base = {**PROTOCOL, **seeded(seed), "train.lr": budget["lr"], "train.rounds": budget["rounds"]}
+    base = {**exp.protocol, **seeded(seed), "train.lr": budget["lr"], "train.rounds": budget["rounds"]}
     if precision == "nf4":
         base["model.precision"] = "nf4"
     if method == "random":
         ens = done.get(key_of("ensemble", seed, precision))
-        return None if ens is None else {**base, **method_settings("random", FINETUNE_STEPS, ens["num_groups"])}
+        return None if ens is None else {**base, **method_settings("random", exp.finetune_steps, ens["num_groups"])}
     if method == "qlora-matched":  # extra rounds until its paper-definition FLOPs equal EnsembleLoRA's
         ens, one = done.get(key_of("ensemble", seed, precision)), done.get(key_of("qlora", seed, precision))
         if ens is None or one is None:
             return None
         per_round = one["phases"]["train"]["flops"] / budget["rounds"]
         rounds = budget["rounds"] + math.ceil((paper_flops(ens) - paper_flops(one)) / per_round)
-        return {**base, **method_settings("qlora", FINETUNE_STEPS, None), "train.rounds": rounds}
-    return {**base, **method_settings(method, FINETUNE_STEPS, None)}
+        return {**base, **method_settings("qlora", exp.finetune_steps, None), "train.rounds": rounds}
+    return {**base, **method_settings(method, exp.finetune_steps, None)}
 
 
 def paper_flops(run: dict[str, Any]) -> float:
@@ -215,28 +226,28 @@ def full_flops(run: dict[str, Any]) -> float:
     return float(sum(p["flops"] for p in run["phases"].values()))
 
 
-def runs_stage(results: Path, work: Path, budget: dict[str, Any], seeds: list[int]) -> None:
+def runs_stage(exp: Experiment, results: Path, work: Path, budget: dict[str, Any], seeds: list[int]) -> None:
     done: dict[str, Any] = {}
-    pending = plan(seeds)
+    pending = plan(exp, seeds)
     while pending:
         for method, seed, precision in list(pending):
             key = key_of(method, seed, precision)
-            settings = settings_for(method, seed, precision, budget, done)
+            settings = settings_for(exp, method, seed, precision, budget, done)
             if settings is None:
                 continue
             done[key] = execute(results, work, key, settings)
             pending.remove((method, seed, precision))
-            write_report(results, budget, seeds)
+            write_report(exp, results, budget, seeds)
             break
         else:
             raise RuntimeError(f"runs wait on runs that cannot start: {pending}")
 
 
-def per_client_difference(runs_a: list[dict[str, Any]], runs_b: list[dict[str, Any]]) -> np.ndarray:
-    """Per client, the test-loss difference a - b averaged over the seeds both have."""
+def per_client_difference(runs_a: list[Run], runs_b: list[Run], metric: str = "test_loss") -> np.ndarray:
+    """Per client, the difference a - b of ``metric`` averaged over the seeds both have."""
     seeds = sorted({r["settings"]["seed"] for r in runs_a} & {r["settings"]["seed"] for r in runs_b})
-    by_seed_a = {r["settings"]["seed"]: {c["client_id"]: c["test_loss"] for c in r["clients"]} for r in runs_a}
-    by_seed_b = {r["settings"]["seed"]: {c["client_id"]: c["test_loss"] for c in r["clients"]} for r in runs_b}
+    by_seed_a = {r["settings"]["seed"]: {c["client_id"]: c[metric] for c in r["clients"]} for r in runs_a}
+    by_seed_b = {r["settings"]["seed"]: {c["client_id"]: c[metric] for c in r["clients"]} for r in runs_b}
     clients = sorted(set.intersection(*[set(by_seed_a[s]) & set(by_seed_b[s]) for s in seeds])) if seeds else []
     return np.array([np.mean([by_seed_a[s][c] - by_seed_b[s][c] for s in seeds]) for c in clients])
 
@@ -247,9 +258,9 @@ def bootstrap_interval(differences: np.ndarray, samples: int = 10_000, seed: int
     return [float(x) for x in np.percentile(means, [2.5, 97.5])]
 
 
-def write_report(results: Path, budget: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
+def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
     """Tables, JSON and plots from the finished runs."""
-    planned = plan(seeds)
+    planned = plan(exp, seeds)
     runs = {k: v for k in (key_of(*p) for p in planned) if (v := finished(results, k)) is not None}
     by_method: dict[str, list[dict[str, Any]]] = {}
     for method, seed, precision in planned:
@@ -286,7 +297,7 @@ def write_report(results: Path, budget: dict[str, Any], seeds: list[int]) -> dic
         "runs_finished": len(runs),
         "runs_planned": len(planned),
         "commits": sorted({r["commit"] for r in runs.values()}),
-        "protocol": PROTOCOL,
+        "protocol": exp.protocol,
         "num_clients": len(first["clients"]) if first else 0,
         "test_targets": int(sum(c["test_targets"] for c in first["clients"])) if first else 0,
         "seeds": {m: v["seeds"] for m, v in methods.items()},
@@ -312,14 +323,16 @@ def write_report(results: Path, budget: dict[str, Any], seeds: list[int]) -> dic
             out[f"loss_change_vs_{name}"] = mean(ens_runs, average_test_loss) / mean(ref_runs, average_test_loss) - 1
             out[f"compute_ratio_vs_{name}"] = mean(ens_runs, paper_flops) / mean(ref_runs, paper_flops)
             out[f"compute_ratio_vs_{name}_full"] = mean(ens_runs, full_flops) / mean(ref_runs, full_flops)
-            diff = per_client_difference(by_method["ensemble"], by_method[base])
+            diff = per_client_difference(by_method["ensemble"], by_method[base], exp.metric)
             if len(diff):
                 out[f"paired_mean_difference_vs_{name}"] = float(diff.mean())
                 out[f"paired_ci_vs_{name}"] = bootstrap_interval(diff)
+    if exp.extend is not None:
+        exp.extend(by_method, out)
     results.mkdir(parents=True, exist_ok=True)
     (results.parent / f"{results.name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    (results.parent / f"{results.name}.md").write_text(markdown(out))
-    plot(results, out)
+    (results.parent / f"{results.name}.md").write_text(markdown(exp, out))
+    plot(exp, results, out)
     return out
 
 
@@ -328,7 +341,7 @@ def average_test_loss(run: dict[str, Any]) -> float:
     return float(run["average"]["ensemble"]["test_loss"])
 
 
-def plot(results: Path, out: dict[str, Any]) -> None:
+def plot(exp: Experiment, results: Path, out: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -341,11 +354,12 @@ def plot(results: Path, out: dict[str, Any]) -> None:
     left.set(xlabel="round", ylabel="mean validation loss", title="one adapter: validation curve")
     left.legend()
     for name, m in out["methods"].items():
-        right.errorbar(
-            m["flops_paper"]["mean"], m["test_loss"]["mean"], yerr=m["test_loss"]["std"], fmt="o", label=name
-        )
+        right.errorbar(m["flops_paper"]["mean"], m[exp.metric]["mean"], yerr=m[exp.metric]["std"], fmt="o", label=name)
     right.set(
-        xscale="log", xlabel="FLOPs (paper definition)", ylabel="mean test loss", title="test loss against compute"
+        xscale="log",
+        xlabel="FLOPs (paper definition)",
+        ylabel=f"mean {exp.metric.replace('_', ' ')}",
+        title=f"{exp.metric.replace('_', ' ')} against compute",
     )
     right.legend(fontsize=8)
     fig.suptitle(f"{out['runs_finished']} of {out['runs_planned']} runs")
@@ -373,18 +387,18 @@ def machine() -> dict[str, Any]:
     }
 
 
-def markdown(out: dict[str, Any]) -> str:
+def markdown(exp: Experiment, out: dict[str, Any]) -> str:
     partial = out["runs_finished"] < out["runs_planned"]
     lines = [
-        "# Shakespeare at a converged budget",
+        f"# {exp.title}",
         "",
         f"**{out['runs_finished']} of {out['runs_planned']} runs**" + (" (partial)." if partial else "."),
         "",
-        f"{out['num_clients']} roles, {out['test_targets']} test targets; protocol `{json.dumps(out['protocol'])}`; "
+        f"{out['num_clients']} clients, {out['test_targets']} test targets; protocol `{json.dumps(out['protocol'])}`; "
         f"budget from the validation curve: lr {out['lr']}, {out['rounds']} rounds x {out['local_steps']} local "
         f"steps ({out['budget']['rule']}; plateau reached: {out['budget']['plateau_reached']}). "
         f"Commits: {', '.join(c[:7] for c in out['commits'])}. Machine: `{json.dumps(out['machine'])}`. "
-        "Written by `experiments/shakespeare_converged.py`.",
+        f"Written by `{exp.script}`.",
         "",
         "| method | seeds | test loss | top-1 accuracy | own group loss | groups | FLOPs (paper) | FLOPs (full) | wall s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -409,27 +423,23 @@ def markdown(out: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where run summaries and tables go")
-    parser.add_argument("--work", type=Path, default=Path("runs/converged"), help="where the run directories go")
+def main(exp: Experiment) -> None:
+    parser = argparse.ArgumentParser(description=exp.title)
+    parser.add_argument("--results", type=Path, default=RESULTS / exp.name, help="where run summaries and tables go")
+    parser.add_argument("--work", type=Path, default=Path("runs") / exp.name, help="where the run directories go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stage", choices=("all", "curve", "report"), default="all")
-    parser.add_argument("--curve-rounds", type=int, default=CURVE_ROUNDS)
+    parser.add_argument("--curve-rounds", type=int, default=exp.curve_rounds)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="added to every run"
     )
     args = parser.parse_args()
-    PROTOCOL.update(parse_override(a) for a in args.overrides)
-    budget = curve_stage(args.results, args.work, args.curve_rounds) if args.stage != "report" else None
+    exp = replace(exp, protocol={**exp.protocol, **dict(parse_override(a) for a in args.overrides)})
+    budget = curve_stage(exp, args.results, args.work, args.curve_rounds) if args.stage != "report" else None
     if budget is None:
-        budget = choose_budget({lr: finished(args.results, f"curve-lr{lr}")["curve"] for lr in CURVE_LRS})
+        budget = choose_budget(exp, {lr: finished(args.results, f"curve-lr{lr}")["curve"] for lr in exp.curve_lrs})
     (args.results / "budget.json").write_text(json.dumps(budget, indent=2) + "\n")
     print(f"budget: lr {budget['lr']}, {budget['rounds']} rounds x {budget['local_steps']} local steps", flush=True)
     if args.stage == "all":
-        runs_stage(args.results, args.work, budget, args.seeds)
-    print(markdown(write_report(args.results, budget, args.seeds)))
-
-
-if __name__ == "__main__":
-    main()
+        runs_stage(exp, args.results, args.work, budget, args.seeds)
+    print(markdown(exp, write_report(exp, args.results, budget, args.seeds)))

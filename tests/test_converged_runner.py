@@ -1,6 +1,6 @@
 """The converged-budget experiment's decisions: the budget rule, the run order, paired intervals."""
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +9,9 @@ import pytest
 from elora_fed.errors import ConfigError
 from strategies.baselines import method_settings
 
-SPEC = importlib.util.spec_from_file_location(
-    "shakespeare_converged", Path(__file__).resolve().parents[1] / "experiments" / "shakespeare_converged.py"
-)
-assert SPEC is not None and SPEC.loader is not None
-runner = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(runner)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # scripts, not a package
+import converged as runner
+from shakespeare_converged import SHAKESPEARE
 
 
 def curve(losses):
@@ -23,25 +20,25 @@ def curve(losses):
 
 def test_the_budget_is_the_best_learning_rate_where_its_validation_loss_stops_improving():
     curves = {0.002: curve([4.0, 3.8, 3.692, 3.69, 3.689, 3.70]), 0.005: curve([3.9, 3.75, 3.72, 3.75, 3.8, 3.9])}
-    budget = runner.choose_budget(curves)
+    budget = runner.choose_budget(SHAKESPEARE, curves)
     assert budget["lr"] == 0.002
     assert budget["rounds"] == 3  # 3.692 is within 0.1% of the minimum 3.689
     assert budget["plateau_reached"]
-    still_falling = runner.choose_budget({0.002: curve([4.0, 3.5, 3.0, 2.999])})
+    still_falling = runner.choose_budget(SHAKESPEARE, {0.002: curve([4.0, 3.5, 3.0, 2.999])})
     assert still_falling["rounds"] == 3 and not still_falling["plateau_reached"]
 
 
 def test_random_groups_and_the_compute_matched_baseline_wait_for_the_runs_they_depend_on():
     budget = {"lr": 0.002, "rounds": 4}
-    assert runner.settings_for("random", 0, "bf16", budget, {}) is None
+    assert runner.settings_for(SHAKESPEARE, "random", 0, "bf16", budget, {}) is None
     ensemble = {"num_groups": 3, "phases": {"sketch": {"flops": 30.0}, "train": {"flops": 100.0}, "test": {"flops": 9}}}
     one = {"phases": {"train": {"flops": 100.0}, "test": {"flops": 9}}}
     done = {"ensemble-seed0": ensemble, "qlora-seed0": one}
-    assert runner.settings_for("random", 0, "bf16", budget, done)["clustering.num_groups"] == 3
-    matched = runner.settings_for("qlora-matched", 0, "bf16", budget, done)
+    assert runner.settings_for(SHAKESPEARE, "random", 0, "bf16", budget, done)["clustering.num_groups"] == 3
+    matched = runner.settings_for(SHAKESPEARE, "qlora-matched", 0, "bf16", budget, done)
     assert matched["train.rounds"] == 4 + 2  # 30 extra FLOPs at 25 per round
-    assert runner.settings_for("qlora", 0, "nf4", budget, {})["model.precision"] == "nf4"
-    order = runner.plan([0, 1])
+    assert runner.settings_for(SHAKESPEARE, "qlora", 0, "nf4", budget, {})["model.precision"] == "nf4"
+    order = runner.plan(SHAKESPEARE, [0, 1])
     assert order[:3] == [("ensemble", 0, "bf16"), ("qlora", 0, "bf16"), ("random", 0, "bf16")]
     assert order[-1] == ("qlora", 0, "nf4")
 
