@@ -90,7 +90,10 @@ def key_of(method: str, seed: int, precision: str) -> str:
 
 
 def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    here = Path(__file__).resolve().parent  # the commit of the code that ran, wherever the cwd is
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here
+    ).stdout.strip()
 
 
 def run_pipeline(settings: dict[str, Any], work: Path) -> Path:
@@ -414,12 +417,21 @@ def markdown(exp: Experiment, out: dict[str, Any]) -> str:
     for key, value in out.items():
         if key.startswith("seeds_vs"):
             lines.append(f"- `{key}` (the seeds the comparisons below use): {value}")
-        elif key.startswith(("loss_change", "compute_ratio", "paired")):
+        elif key.startswith(("loss_change", "accuracy_change", "compute_ratio", "paired")):
             if isinstance(value, list):
                 shown = f"[{value[0]:+.4f}, {value[1]:+.4f}]"
             else:
                 shown = f"{value:.3f}x" if key.startswith("compute") else f"{value:+.4f}"
             lines.append(f"- `{key}`: {shown}")
+    if "per_task" in out:  # classification: accuracy per task, beside the majority-class baseline
+        names = list(out["per_task"])
+        lines += ["", "| task | majority | " + " | ".join(names) + " |", "| --- " * (len(names) + 2) + "|"]
+        for task in out["tasks"]:
+            cells = [out["per_task"][n].get(task) for n in names]
+            shown = [f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "" for c in cells]
+            lines.append(
+                f"| {task} | {out['majority_accuracy'].get(task, float('nan')):.3f} | " + " | ".join(shown) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 

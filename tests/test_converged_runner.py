@@ -64,3 +64,26 @@ def test_method_settings_name_every_baseline_and_reject_bad_ones():
         method_settings("random")
     with pytest.raises(ConfigError, match="unknown method"):
         method_settings("best")
+
+
+def test_the_classification_report_adds_per_task_accuracy_majority_and_points():
+    from classification_report import BIGBENCH, majority_accuracy, per_task
+
+    def run(seed, accuracies):
+        clients = [{"client_id": t, "test_accuracy": a} for t, a in accuracies.items()]
+        return {"settings": {"seed": seed}, "clients": clients, "average": {"ensemble": {"test_accuracy": 0.0}}}
+
+    ens = [run(0, {"a": 0.8, "b": 0.6}), run(1, {"a": 0.6, "b": 0.6})]
+    one = [run(0, {"a": 0.5, "b": 0.5})]
+    for r in ens + one:
+        r["average"]["ensemble"]["test_accuracy"] = float(np.mean([c["test_accuracy"] for c in r["clients"]]))
+    fixture = Path(__file__).resolve().parent / "fixtures" / "classification.jsonl"
+    protocol = {**BIGBENCH.protocol, "data.path": str(fixture), "data.max_samples_per_client": 0}
+    out = {"protocol": protocol, "seeds_vs_qlora": [0]}
+    per_task({"ensemble": ens, "qlora": one}, out)
+    assert out["tasks"] == ["a", "b"]
+    assert out["per_task"]["ensemble"]["a"] == pytest.approx({"mean": 0.7, "std": 0.1, "n": 2})
+    assert out["accuracy_change_vs_qlora"] == pytest.approx(100 * (0.7 - 0.5))  # seed 0 only, in points
+    assert out["majority_accuracy"] == majority_accuracy(protocol)
+    assert set(out["majority_accuracy"]) == {"entailment", "sentiment", "topic"}
+    assert all(0 <= v <= 1 for v in out["majority_accuracy"].values())
