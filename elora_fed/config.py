@@ -24,8 +24,21 @@ COMPUTE_DTYPES = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("shakespeare", "flwr-shakespeare", "classification")
 
 
+class Section:
+    """A config section: validated when built, directly (``DataConfig(seq_len=0)`` raises) or from keys.
+
+    Checks that span sections stay in ``RunConfig.validate``.
+    """
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     """Which base model to load, and how.
 
     ``name`` is ``smollm2-135m-instruct`` (the embedded default, shipped in the
@@ -50,7 +63,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(Section):
     """The LoRA adapter trained on top of the frozen base model.
 
     ``target_modules`` is a comma-separated list of module names (``q_proj,v_proj``) or
@@ -77,7 +90,7 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """Which clients to build, and how their samples are cut and split.
 
     Every client is one task: a (play, role) pair for ``shakespeare`` (offline Gutenberg
@@ -130,7 +143,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SketchConfig:
+class SketchConfig(Section):
     """The projected-gradient features (``elora_fed.sketch``).
 
     ``dim`` is d, the sketch dimension; ``projection`` is ``rademacher`` (entries
@@ -155,7 +168,7 @@ class SketchConfig:
 
 
 @dataclass(frozen=True)
-class AffinityConfig:
+class AffinityConfig(Section):
     """Task affinity from the sketches (``elora_fed.affinity``).
 
     ``mode`` is ``exact`` (surrogate fine-tuning on the clients' features), ``private``
@@ -185,7 +198,7 @@ class AffinityConfig:
 
 
 @dataclass(frozen=True)
-class ClusteringConfig:
+class ClusteringConfig(Section):
     """Grouping clients by affinity (``elora_fed.clustering``).
 
     ``method``: ``fast`` (low-rank Burer-Monteiro relaxation), ``sdp`` (cvxpy, with
@@ -206,7 +219,7 @@ class ClusteringConfig:
 
 
 @dataclass(frozen=True)
-class FederationConfig:
+class FederationConfig(Section):
     """How the server talks to the federation.
 
     ``num_nodes`` is how many nodes the server waits for before the first phase (nodes
@@ -257,7 +270,7 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """Federated training of one adapter per group (and of the trained boosting adapters).
 
     Each of ``rounds`` rounds samples ``fraction`` of every group's clients (at least one),
@@ -300,7 +313,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class BoostConfig:
+class BoostConfig(Section):
     """Boosting after group training (docs/METHOD.md, section 5.2).
 
     Up to ``steps`` times, the group with the highest training loss gets a new adapter fit by
@@ -326,7 +339,7 @@ class BoostConfig:
 
 
 @dataclass(frozen=True)
-class EnsembleConfig:
+class EnsembleConfig(Section):
     """The weights that combine the groups' outputs for each client, learned on its validation split."""
 
     weight_steps: int = 200
@@ -338,7 +351,7 @@ class EnsembleConfig:
 
 
 @dataclass(frozen=True)
-class StrategiesConfig:
+class StrategiesConfig(Section):
     """The server's replaceable phases, as dotted paths ``module:Class``.
 
     ``affinity`` turns the clients' sketches into a task-affinity matrix and ``clustering``
@@ -356,7 +369,7 @@ class StrategiesConfig:
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
+class PrivacyConfig(Section):
     """Optional differential privacy of the sketch phase (``elora_fed.privacy``).
 
     ``noise_multiplier`` z > 0 makes every client clip its projected gradient rows to L2
@@ -386,7 +399,7 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
-class SecAggConfig:
+class SecAggConfig(Section):
     """Secure aggregation of the private-mode statistics (``affinity.mode = "secure"``).
 
     Every sampled subset's summed train statistics come from one round of Flower's SecAgg+

@@ -82,3 +82,13 @@ def test_a_flwr_run_config_applies_its_preset_beneath_the_keys_it_changes():
     assert from_run_config(RunConfig().to_flat()) == RunConfig()
     with pytest.raises(ConfigError, match="unknown preset 'dmeo'"):
         from_run_config({**RunConfig().to_flat(), "preset": "dmeo"})
+
+
+def test_a_section_built_directly_is_validated():
+    from elora_fed.config import DataConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="'data.seq_len' = 0 is out of range"):
+        DataConfig(seq_len=0)
+    with pytest.raises(ConfigError, match="train.lr"):
+        TrainConfig(lr=-1.0)
+    assert DataConfig(seq_len=32).seq_len == 32
