@@ -56,7 +56,7 @@ from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
 from elora_fed.privacy import released_sketch, released_statistics
 from elora_fed.sketch import gradient_dim, sketch_batches
-from elora_fed.surrogate import ClientStatistics
+from elora_fed.statistics import ClientStatistics
 from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
 
 transformers.utils.logging.disable_progress_bar()  # one bar per worker process and message is noise
@@ -195,7 +195,7 @@ def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     """This client's sketch: b and projected gradients of its train and validation samples.
 
     In private mode (``affinity.mode = "private"``) only its additive statistics leave the
-    client instead (``elora_fed.surrogate.ClientStatistics``), never per-sample features.
+    client instead (``elora_fed.statistics.ClientStatistics``), never per-sample features.
     The model, adapter seed and projection seed come from the run config, which the server
     and every client share; only the seeds define theta* and P. With ``privacy`` on, both
     are clipped and noised here, before anything is sent (``elora_fed.privacy``).

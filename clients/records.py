@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from elora_fed.client_sketch import ClientSketch, SketchMetadata
 from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import DataError
-from elora_fed.surrogate import ClientStatistics, statistics_arrays, statistics_from_arrays
+from elora_fed.statistics import ClientStatistics, statistics_arrays, statistics_from_arrays
 
 _MEMBER = re.compile(r"group\.(\d+)\.(base|boost\.(\d+))")
 

@@ -18,16 +18,9 @@ import numpy as np
 import torch
 
 from elora_fed.errors import ConfigError, DataError
-from elora_fed.surrogate import (
-    ClientStatistics,
-    PooledStatistics,
-    SubsetEstimates,
-    SubsetSums,
-    TaskFeatures,
-    client_statistics,
-    solve_subset_sums,
-    solve_subsets,
-)
+from elora_fed.statistics import ClientStatistics, client_statistics
+from elora_fed.subset_solver import PooledStatistics, SubsetEstimates, SubsetSums, solve_subset_sums, solve_subsets
+from elora_fed.task_features import TaskFeatures
 
 
 def sample_subsets(n: int, size: int, count: int, seed: int) -> list[tuple[int, ...]]:

@@ -33,7 +33,7 @@ from elora_fed.models import TINY_MODEL, load_base_model, load_tokenizer
 from elora_fed.plots import affinity_heatmap
 from elora_fed.run_dir import create_run_dir, write_json
 from elora_fed.splits import SPLITS
-from elora_fed.surrogate import task_features
+from elora_fed.task_features import task_features
 
 
 def _console() -> Console:

@@ -61,7 +61,8 @@ from scipy.special import log_ndtr
 
 from elora_fed.client_sketch import ClientSketch
 from elora_fed.config import PrivacyConfig, RunConfig
-from elora_fed.surrogate import ClientStatistics, SplitStatistics, client_statistics, split_statistics, task_features
+from elora_fed.statistics import ClientStatistics, SplitStatistics, client_statistics, split_statistics
+from elora_fed.task_features import task_features
 
 # ---------------------------------------------------------------------------- clipping
 

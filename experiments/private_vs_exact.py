@@ -27,7 +27,7 @@ from elora_fed.client_sketch import load_sketches
 from elora_fed.clustering import adjusted_rand_index, cluster
 from elora_fed.config import load_config
 from elora_fed.jobs import run_sketch
-from elora_fed.surrogate import task_features
+from elora_fed.task_features import task_features
 
 RESULTS = Path(__file__).parent / "results"
 

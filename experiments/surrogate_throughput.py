@@ -1,4 +1,4 @@
-"""Throughput of the batched surrogate solver (``elora_fed.surrogate``): many subsets, one CPU.
+"""Throughput of the batched surrogate solver (``elora_fed.subset_solver``): many subsets, one CPU.
 
 Target (issue): 2000 subsets of 10 clients out of 500, d = 400, solved on 2 CPU cores in
 <= 60 s. Synthetic features shaped like real sketches: 20-80 train rows per client (and
@@ -31,14 +31,9 @@ import numpy as np
 import torch
 
 from elora_fed.affinity import sample_subsets
-from elora_fed.surrogate import (
-    ClientStatistics,
-    SubsetEstimates,
-    TaskFeatures,
-    client_statistics,
-    solve_subsets,
-    solve_subsets_private,
-)
+from elora_fed.statistics import ClientStatistics, client_statistics
+from elora_fed.subset_solver import SubsetEstimates, solve_subsets, solve_subsets_private
+from elora_fed.task_features import TaskFeatures
 
 RESULTS = Path(__file__).parent / "results"
 Result = TypeVar("Result")

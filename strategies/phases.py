@@ -42,7 +42,9 @@ from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters, lift, ridge_fit, ridge_statistics
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.projection import JLProjector
-from elora_fed.surrogate import ClientStatistics, SubsetSums, task_features
+from elora_fed.statistics import ClientStatistics
+from elora_fed.subset_solver import SubsetSums
+from elora_fed.task_features import task_features
 from strategies.federation import Federation, GroupGrid
 from strategies.messaging import Exchange, console
 from strategies.validation import UpdateLimits, screen

@@ -45,7 +45,7 @@ from elora_fed.errors import ConfigError, DataError
 from elora_fed.plots import affinity_heatmap
 from elora_fed.privacy import describe, markdown_lines, privacy_report
 from elora_fed.run_dir import boost_adapter_dir, create_run_dir, group_adapter_dir, write_json
-from elora_fed.surrogate import ClientStatistics, load_statistics, save_statistics
+from elora_fed.statistics import ClientStatistics, load_statistics, save_statistics
 from strategies.federation import Federation, discover, wait_for_nodes
 from strategies.ledger import Ledger
 from strategies.messaging import Exchange, console

@@ -69,13 +69,8 @@ from flwr.serverapp import Grid
 
 from clients.protocol import run_record
 from elora_fed.errors import DataError
-from elora_fed.surrogate import (
-    SplitStatistics,
-    SubsetEstimates,
-    SubsetSums,
-    stack_statistics,
-    statistics_from_aggregate,
-)
+from elora_fed.statistics import SplitStatistics, statistics_from_aggregate
+from elora_fed.subset_solver import SubsetEstimates, SubsetSums, stack_statistics
 from strategies.federation import Federation, GroupGrid
 from strategies.messaging import Exchange, console, content_bytes
 

@@ -13,7 +13,8 @@ from elora_fed.affinity import (
     task_affinity,
 )
 from elora_fed.errors import ConfigError, DataError
-from elora_fed.surrogate import SubsetEstimates, TaskFeatures
+from elora_fed.subset_solver import SubsetEstimates
+from elora_fed.task_features import TaskFeatures
 
 
 @pytest.mark.parametrize("n, size, count", [(10, 3, 200), (10, 3, 5), (12, 4, 0), (30, 5, 40), (7, 7, 2), (2, 2, 0)])

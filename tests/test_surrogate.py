@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,15 +13,10 @@ from scipy.stats import spearmanr
 from elora_fed.affinity import sample_subsets, task_affinity
 from elora_fed.client_sketch import ClientSketch, SketchMetadata
 from elora_fed.errors import ConfigError, DataError
-from elora_fed.surrogate import (
-    TaskFeatures,
-    calibrate_lambda,
-    calibration_errors,
-    client_statistics,
-    solve_subsets,
-    solve_subsets_private,
-    task_features,
-)
+from elora_fed.lambda_calibration import calibrate_lambda, calibration_errors
+from elora_fed.statistics import client_statistics
+from elora_fed.subset_solver import solve_subsets, solve_subsets_private
+from elora_fed.task_features import TaskFeatures, task_features
 
 
 def make_tasks(n: int, d: int, scale: float, seed: int = 0, offset: float = -2.0) -> list[TaskFeatures]:
@@ -99,6 +96,16 @@ def test_solving_restores_the_thread_count():
     before = torch.get_num_threads()
     solve_subsets(make_tasks(3, 4, 0.5), [(0, 1), (2,)], 0.1)
     assert torch.get_num_threads() == before
+
+
+def test_the_solver_imports_without_the_model_stack():
+    """Solving, the statistics and the lambda calibration need no peft or transformers (only ``task_features`` does)."""
+    code = (
+        "import elora_fed.subset_solver, elora_fed.statistics, elora_fed.lambda_calibration, sys; "
+        "assert 'peft' not in sys.modules and 'transformers' not in sys.modules"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def test_private_mode_is_the_quadratic_surrogate_solved_directly():

@@ -20,9 +20,9 @@ of 10 clients where a fresh Hessian and factorization every Newton step took 4.2
 On the CPU, chunks of 8 subsets run on one thread per core (``_chunk_workers``).
 
 Private-statistics mode (``solve_subsets_private``, beyond the paper): each client sends
-only additive statistics of a second-order expansion of its losses around w = 0 (counts,
-loss sums, gradient sums, d x d curvature sums; train and validation), which can go
-through secure aggregation. The server solves each subset's quadratic surrogate exactly
+only additive statistics (``elora_fed.statistics``) of a second-order expansion of its
+losses around w = 0 (counts, loss sums, gradient sums, d x d curvature sums; train and
+validation), which can go through secure aggregation. The server solves each subset's quadratic surrogate exactly
 (one Newton step) and evaluates f^ from the validation quadratic. Its w_S is the first,
 undamped Newton step of exact mode, so the two agree while the moves are small. The
 solver (``solve_subset_sums``) needs only each subset's summed train statistics and a way
@@ -39,195 +39,18 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from elora_fed.client_sketch import ClientSketch
 from elora_fed.errors import ConfigError, DataError
+from elora_fed.statistics import ClientStatistics, SplitStatistics
 from elora_fed.threads import single_torch_thread
 
-
-@dataclass(frozen=True)
-class TaskFeatures:
-    """One task's (client's) base outputs b and sketch features g: train rows and validation rows."""
-
-    client_id: str
-    train_outputs: torch.Tensor  # (n_i,)
-    train_features: torch.Tensor  # (n_i, d)
-    val_outputs: torch.Tensor  # (v_i,)
-    val_features: torch.Tensor  # (v_i, d)
-
-    def __post_init__(self) -> None:
-        for split, outputs, features in (
-            ("train", self.train_outputs, self.train_features),
-            ("validation", self.val_outputs, self.val_features),
-        ):
-            if features.ndim != 2 or outputs.shape != features.shape[:1]:
-                raise DataError(
-                    f"client '{self.client_id}': {split} outputs {tuple(outputs.shape)} and features "
-                    f"{tuple(features.shape)} do not match; expected shapes (n,) and (n, d)"
-                )
-            if len(outputs) == 0:
-                raise DataError(
-                    f"client '{self.client_id}' has no {split} rows; every task needs train rows to fine-tune on "
-                    "and validation rows to estimate its loss"
-                )
-        if self.train_features.shape[1] != self.val_features.shape[1]:
-            raise DataError(
-                f"client '{self.client_id}': train features have d = {self.train_features.shape[1]} but "
-                f"validation features have d = {self.val_features.shape[1]}"
-            )
-
-    @property
-    def dim(self) -> int:
-        return int(self.train_features.shape[1])
-
-
-def task_features(sketch: ClientSketch) -> TaskFeatures:
-    """The train and validation rows of one client's sketch, as float32 tensors."""
-    train_b, train_g = sketch.rows("train")
-    val_b, val_g = sketch.rows("validation")
-    return TaskFeatures(
-        client_id=sketch.client_id,
-        train_outputs=torch.as_tensor(train_b, dtype=torch.float32),
-        train_features=torch.as_tensor(train_g, dtype=torch.float32),
-        val_outputs=torch.as_tensor(val_b, dtype=torch.float32),
-        val_features=torch.as_tensor(val_g, dtype=torch.float32),
-    )
-
-
-@dataclass(frozen=True)
-class SplitStatistics:
-    """Additive statistics of one split's losses around w = 0.
-
-    count = n, loss = sum loss(b_s), grad = sum loss'(b_s) g_s (d,), curv = sum loss''(b_s) g_s g_s^T (d, d).
-    The split's mean loss at w is then, to second order,
-    (loss + grad . w + w^T curv w / 2) / count.
-    """
-
-    count: torch.Tensor
-    loss: torch.Tensor
-    grad: torch.Tensor
-    curv: torch.Tensor
-
-    def __add__(self, other: SplitStatistics) -> SplitStatistics:
-        return SplitStatistics(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
-
-
-@dataclass(frozen=True)
-class ClientStatistics:
-    """What a client sends in private-statistics mode: no per-sample feature ever leaves it."""
-
-    train: SplitStatistics
-    validation: SplitStatistics
-
-    def __add__(self, other: ClientStatistics) -> ClientStatistics:
-        return ClientStatistics(self.train + other.train, self.validation + other.validation)
-
-    @property
-    def dim(self) -> int:
-        return int(self.train.grad.shape[0])
-
-
-def split_statistics(
-    outputs: torch.Tensor, features: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> SplitStatistics:
-    """The second-order statistics of rows (b, g): accumulated in float64, stored (and sent) as ``dtype``."""
-    b = outputs.to(torch.float64)
-    g = features.to(torch.float64)
-    p = torch.sigmoid(-b)  # -loss'(b)
-    sums = (torch.tensor(float(len(b))), F.softplus(-b).sum(), -(p @ g), g.T @ ((p * (1 - p))[:, None] * g))
-    return SplitStatistics(*(t.to(dtype) for t in sums))
-
-
-def client_statistics(task: TaskFeatures, dtype: torch.dtype = torch.float32) -> ClientStatistics:
-    """A client's train and validation statistics: 2 (d^2 + d + 2) numbers of ``dtype`` (1.3 MB at d = 400, float32)."""
-    return ClientStatistics(
-        split_statistics(task.train_outputs, task.train_features, dtype),
-        split_statistics(task.val_outputs, task.val_features, dtype),
-    )
-
-
-STATISTIC_FIELDS = ("count", "loss", "grad", "curv")
-
-
-def statistics_arrays(stats: ClientStatistics) -> dict[str, np.ndarray]:
-    """The statistics as named arrays (``train.grad``, ...): how they travel and are stored."""
-    return {
-        f"{split}.{name}": getattr(getattr(stats, split), name).cpu().numpy()
-        for split in ("train", "validation")
-        for name in STATISTIC_FIELDS
-    }
-
-
-def aggregation_vector(stats: SplitStatistics) -> np.ndarray:
-    """What secure aggregation sums of one split: count, grad, then curv's upper triangle row by row (float64).
-
-    d (d + 1) / 2 + d + 1 numbers (curv is symmetric). The loss sum is left out: w_S does
-    not depend on it, and a member's validation losses are evaluated by the member itself.
-    """
-    d = int(stats.grad.shape[0])
-    parts = [stats.count.reshape(1), stats.grad, stats.curv.cpu().numpy()[np.triu_indices(d)]]
-    return np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1) for p in parts])
-
-
-def statistics_from_aggregate(vector: np.ndarray, dim: int) -> SplitStatistics:
-    """Inverse of ``aggregation_vector`` (curv mirrored from its upper triangle; loss 0, not aggregated).
-
-    DataError if the length does not fit ``dim`` or a value is not finite.
-    """
-    vector = np.asarray(vector, dtype=np.float64)
-    size = 1 + dim + dim * (dim + 1) // 2
-    if vector.shape != (size,) or not np.isfinite(vector).all():
-        raise DataError(f"an aggregated statistics vector of d = {dim} has {size} finite entries, got {vector.shape}")
-    curv = np.zeros((dim, dim))
-    curv[np.triu_indices(dim)] = vector[1 + dim :]
-    curv = curv + np.triu(curv, 1).T
-    return SplitStatistics(*(torch.as_tensor(t) for t in (vector[0], np.float64(0.0), vector[1 : 1 + dim], curv)))
-
-
-def statistics_from_arrays(arrays: dict[str, np.ndarray], dim: int) -> ClientStatistics:
-    """Inverse of ``statistics_arrays``; DataError naming a missing, misshapen or non-finite field."""
-    shapes = {"count": (), "loss": (), "grad": (dim,), "curv": (dim, dim)}
-    splits = {}
-    for split in ("train", "validation"):
-        values = []
-        for name in STATISTIC_FIELDS:
-            key = f"{split}.{name}"
-            if key not in arrays:
-                raise DataError(f"malformed statistics: '{key}' is missing")
-            value = np.asarray(arrays[key])
-            if shapes[name] == () and value.shape == (1,):
-                value = value.reshape(())  # a scalar may travel as a 1-element array
-            if value.shape != shapes[name] or not np.isfinite(value).all():
-                raise DataError(f"malformed statistics: '{key}' has shape {value.shape} or non-finite values")
-            values.append(torch.as_tensor(value))
-        splits[split] = SplitStatistics(*values)
-    return ClientStatistics(splits["train"], splits["validation"])
-
-
-def save_statistics(path: Path, client_ids: Sequence[str], stats: Sequence[ClientStatistics]) -> None:
-    """All clients' statistics in one ``.npz``, atomically, with the client ids."""
-    arrays: dict[str, np.ndarray] = {"client_ids": np.array(list(client_ids))}
-    arrays.update({f"{i}/{k}": v for i, s in enumerate(stats) for k, v in statistics_arrays(s).items()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]
-    tmp.replace(path)
-
-
-def load_statistics(path: Path) -> tuple[list[str], list[ClientStatistics]]:
-    with np.load(path) as data:
-        ids = [str(c) for c in data["client_ids"]]
-        dim = int(data["0/train.grad"].shape[0])
-        stats = [
-            statistics_from_arrays({k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")}, dim)
-            for i in range(len(ids))
-        ]
-    return ids, stats
+if TYPE_CHECKING:
+    from elora_fed.task_features import TaskFeatures
 
 
 @dataclass(frozen=True)
@@ -474,53 +297,6 @@ def solve_subsets_private(
         raise ConfigError(f"lam must be > 0 (the surrogate is unbounded without it), got {lam}")
     pooled = PooledStatistics(stats, chunk_size=chunk_size, device=device, dtype=dtype)
     return solve_subset_sums(pooled, subsets, lam)
-
-
-def calibration_errors(
-    tasks: Sequence[TaskFeatures],
-    calibration: Sequence[tuple[Sequence[int], np.ndarray]],
-    grid: Sequence[float],
-    *,
-    private: bool = False,
-) -> np.ndarray:
-    """Mean relative error |f^_i(S) - f_i(S)| / f_i(S) over every member of every calibration item, per lam in grid."""
-    if not calibration or not grid:
-        raise ConfigError("lambda calibration needs at least one real fine-tuning run and one grid value")
-    subsets = [tuple(s) for s, _ in calibration]
-    real = [np.asarray(r, dtype=np.float64) for _, r in calibration]
-    for s, r in zip(subsets, real, strict=True):
-        if r.shape != (len(s),):
-            raise ConfigError(f"calibration subset {s} has {len(s)} members but {r.shape} real losses")
-    stats = [client_statistics(t) for t in tasks] if private else []
-    errors = []
-    for lam in grid:
-        est = solve_subsets_private(stats, subsets, lam) if private else solve_subsets(tasks, subsets, lam)
-        errors.append(np.mean(np.concatenate([np.abs(est.losses[k, : len(r)] - r) / r for k, r in enumerate(real)])))
-    return np.asarray(errors)
-
-
-def calibrate_lambda(
-    tasks: Sequence[TaskFeatures],
-    calibration: Sequence[tuple[Sequence[int], np.ndarray]],
-    grid: Sequence[float],
-    *,
-    private: bool = False,
-) -> float:
-    """The lam in ``grid`` whose surrogate best reproduces real fine-tuning runs.
-
-    Procedure: fine-tune real adapters on one to three subsets S (for instance all tasks, or
-    a random group) and record every member's real validation loss f_i(S) afterwards; pass
-    them as ``calibration = [(S, [f_i(S) for i in S]), ...]``. For each lam in ``grid`` (a
-    log-spaced grid such as 10^-5 .. 10^0) the surrogate is solved on the same subsets, and
-    the lam with the smallest mean relative error |f^_i(S) - f_i(S)| / f_i(S), pooled over
-    all members of all runs, is returned (the first one on ties). lam is the only free
-    parameter: it sets how far the surrogate moves from the base model, so it is calibrated
-    once and then used for every subset; report it with the results, together with
-    ``calibration_errors`` over the grid. Calibrate with the same mode (``private``) that
-    the affinity will use: the quadratic surrogate can prefer a different lam.
-    """
-    errors = calibration_errors(tasks, calibration, grid, private=private)
-    return float(grid[int(np.argmin(errors))])
 
 
 def _check_subsets(subsets: Sequence[Sequence[int]], n: int, lam: float, dims: set[int]) -> list[tuple[int, ...]]:
