@@ -27,12 +27,12 @@ import numpy as np
 from converged import Experiment, Run, main
 
 from elora_fed.classification import cap_samples, load_classification_tasks
-from elora_fed.config import PRESETS, DataConfig
+from elora_fed.config import PRESETS, RunConfig
 
 
 def majority_accuracy(protocol: dict[str, Any]) -> dict[str, float]:
     """Per task: the test accuracy of always answering its most frequent train label."""
-    data = DataConfig(**{k.removeprefix("data."): v for k, v in protocol.items() if k.startswith("data.")})
+    data = RunConfig.from_flat(protocol).data  # typed and validated, as every run's config
     out = {}
     for task in load_classification_tasks(data.path, data.val_fraction, data.test_fraction):
         capped = cap_samples(task, data.max_samples_per_client)
