@@ -24,7 +24,7 @@ from elora_fed.adapters import AdapterState
 from elora_fed.ensemble import GroupAdapters
 from elora_fed.errors import DataError
 from elora_fed.paths import atomic_directory
-from elora_fed.run_dir import write_json
+from elora_fed.run_dir import adapter_name, write_json
 
 
 @dataclass
@@ -37,13 +37,13 @@ class Snapshot:
 
 
 def group_ensembles(snapshot: Snapshot, groups: Iterable[int]) -> dict[int, GroupAdapters]:
-    """Each group's adapters as checkpointed: ``group-<g>``, then its ``boost-<g>-<t>`` in step order."""
+    """Each group's adapters as checkpointed: ``group-<g>``, then its ``group-<g>-boost-<t>`` in order."""
     ensemble = {}
     for g in groups:
-        boosts = sorted(
-            (int(k.rsplit("-", 1)[1]), v) for k, v in snapshot.adapters.items() if k.startswith(f"boost-{g}-")
-        )
-        ensemble[g] = GroupAdapters(snapshot.adapters[f"group-{g}"], [v for _, v in boosts])
+        boosts: list[AdapterState] = []
+        while (name := adapter_name(g, len(boosts))) in snapshot.adapters:
+            boosts.append(snapshot.adapters[name])
+        ensemble[g] = GroupAdapters(snapshot.adapters[adapter_name(g)], boosts)
     return ensemble
 
 

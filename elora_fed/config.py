@@ -352,20 +352,28 @@ class EnsembleConfig(Section):
 
 @dataclass(frozen=True)
 class StrategiesConfig(Section):
-    """The server's replaceable phases, as dotted paths ``module:Class``.
+    """The server's replaceable parts, as dotted paths ``module:Class`` (or ``path/file.py:Class``).
 
+    The six phase slots, in order (the ``strategies.phase`` protocol): ``sketch``,
+    ``groups``, ``train``, ``boost``, ``weights`` and ``test``. Inside the grouping phase,
     ``affinity`` turns the clients' sketches into a task-affinity matrix and ``clustering``
-    turns that into groups; see ``strategies.phases`` for the interfaces and
+    turns that into groups (interfaces in ``strategies.grouping``); see
     ``experiments/custom_strategy.py`` for a worked replacement. Federated aggregation is
     ``train.aggregation``.
     """
 
-    affinity: str = "strategies.phases:SurrogateAffinity"
-    clustering: str = "strategies.phases:SDPClustering"
+    sketch: str = "strategies.sketching:SketchPhase"
+    groups: str = "strategies.grouping:GroupingPhase"
+    train: str = "strategies.training:TrainingPhase"
+    boost: str = "strategies.boosting:BoostingPhase"
+    weights: str = "strategies.evaluation:WeightsPhase"
+    test: str = "strategies.evaluation:FinalTestPhase"
+    affinity: str = "strategies.grouping:SurrogateAffinity"
+    clustering: str = "strategies.grouping:SDPClustering"
 
     def validate(self) -> None:
-        _check_dotted_path("strategies.affinity", self.affinity)
-        _check_dotted_path("strategies.clustering", self.clustering)
+        for f in dataclasses.fields(self):
+            _check_dotted_path(f"strategies.{f.name}", getattr(self, f.name))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters, Outputs, evaluate_ensemble, group_candidates
 from elora_fed.errors import DataError
 from elora_fed.models import load_base_model, load_tokenizer
-from elora_fed.run_dir import boost_adapter_dirs, group_adapter_dir
+from elora_fed.run_dir import adapter_dir, boost_adapter_dirs
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def load_ensemble(run_dir: Path | str) -> RunEnsemble:
     boosts = boost_adapter_dirs(run_dir)
     groups = {
         int(g): GroupAdapters(
-            load_peft_adapter(group_adapter_dir(run_dir, int(g))),
+            load_peft_adapter(adapter_dir(run_dir, int(g))),
             [load_peft_adapter(p) for p in boosts.get(int(g), [])],
         )
         for g in saved["groups"]

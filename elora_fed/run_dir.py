@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from elora_fed.config import RunConfig
+from elora_fed.errors import DataError
 
 
 def create_run_dir(config: RunConfig, job: str) -> Path:
@@ -34,24 +35,33 @@ def write_json(path: Path, payload: Any) -> None:
 
 # A pipeline run's adapters, as peft directories under ``adapters/``: written by
 # ``strategies.pipeline``, read back by ``elora_fed.inference``.
-_BOOST_ADAPTER = re.compile(r"boost-(\d+)-group-(\d+)")
+_BOOST_ADAPTER = re.compile(r"group-(\d+)-boost-(\d+)")
 
 
-def group_adapter_dir(run_dir: Path, group: int) -> Path:
-    """Where group ``group``'s trained adapter is saved."""
-    return run_dir / "adapters" / f"group-{group}"
+def adapter_name(group: int, boost: int | None = None) -> str:
+    """The one name of group ``group``'s adapter, or of its ``boost``-th boosting adapter (from 0).
+
+    ``group-<g>`` and ``group-<g>-boost-<t>``: the key in the checkpoint and the directory
+    under ``adapters/`` alike.
+    """
+    return f"group-{group}" if boost is None else f"group-{group}-boost-{boost}"
 
 
-def boost_adapter_dir(run_dir: Path, step: int, group: int) -> Path:
-    """Where the adapter that boosting step ``step`` added to group ``group`` is saved."""
-    return run_dir / "adapters" / f"boost-{step}-group-{group}"
+def adapter_dir(run_dir: Path, group: int, boost: int | None = None) -> Path:
+    """Where ``adapter_name(group, boost)`` is saved as a peft adapter."""
+    return run_dir / "adapters" / adapter_name(group, boost)
 
 
 def boost_adapter_dirs(run_dir: Path) -> dict[int, list[Path]]:
-    """Each group's saved boosting adapters, in step order."""
+    """Each group's saved boosting adapters, in order; DataError for a run directory of the old layout."""
     found: dict[int, list[tuple[int, Path]]] = {}
     for path in (run_dir / "adapters").iterdir():
+        if path.name.startswith("boost-"):
+            raise DataError(
+                f"{path} is a boosting adapter in an older elora-fed layout (boost-<step>-group-<g>): rename each to "
+                "group-<g>-boost-<t>, t counting the group's boosting adapters from 0 in step order"
+            )
         match = _BOOST_ADAPTER.fullmatch(path.name)
         if match:
-            found.setdefault(int(match[2]), []).append((int(match[1]), path))
-    return {g: [p for _, p in sorted(steps)] for g, steps in found.items()}
+            found.setdefault(int(match[1]), []).append((int(match[2]), path))
+    return {g: [p for _, p in sorted(boosts)] for g, boosts in found.items()}

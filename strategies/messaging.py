@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -176,3 +177,15 @@ def error_gist(text: str) -> str:
     """The gist of a client's error: its last message line (Ray wraps it in whole tracebacks)."""
     lines = [line.strip(" '\"<>") for line in text.replace("\\n", "\n").splitlines() if line.strip(" '\"<>")]
     return (lines[-1] if lines else "error")[:300]
+
+
+def exchange_metrics(result: Exchange) -> dict[str, Any]:
+    """Timing of one exchange: wall time against the clients' own compute time, and the part of it spent loading."""
+    return {
+        "exchange": result.label,
+        "clients": len(result.replies),
+        "failed": len(result.failures),
+        "wall_s": round(result.seconds, 3),
+        "client_compute_s": round(result.compute_s, 3),
+        "client_load_s": round(result.total("load-s"), 3),
+    }

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError, EloraFedError
 from strategies.messaging import error_gist
-from strategies.phases import load_class
+from strategies.phase import load_class
 from strategies.pipeline import count_clients, run_pipeline
 
 
