@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # Tested dependency versions (constraints.txt); `make constraints` rewrites it from .venv.
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: demo test setup constraints
+.PHONY: demo test test-fast setup constraints
 demo: $(VENV)/.ready
 	$(BIN)/elora-fed run --preset demo
 
@@ -18,6 +18,11 @@ test: $(VENV)/.ready
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The fast tier: everything in this process (phases on the in-process grid, the math,
+# the clients' handlers); no Ray, no subprocess, no SmolLM2. `make test` runs it too.
+test-fast: $(VENV)/.ready
+	$(BIN)/pytest -m "not slow and not e2e"
 
 setup: $(VENV)/.ready
 

@@ -191,6 +191,7 @@ def test_download_refuses_what_does_not_match(
     assert list((tmp_path / "cache").iterdir()) == []
 
 
+@pytest.mark.e2e
 def test_index_url_falls_back_to_pypi(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PIP_INDEX_URL", raising=False)
     unset = subprocess.CompletedProcess([], 1, "", "ERROR: No such key - global.index-url")
@@ -310,6 +311,7 @@ def test_max_samples_per_client_caps_each_split_by_its_share_with_its_label_mix(
     assert all(len(c.splits["train"].labels) <= 4 for c in load_classification_clients(cfg, tokenizer))
 
 
+@pytest.mark.e2e
 def test_data_stats_of_a_classification_source(converted: Path, tmp_path: Path) -> None:
     settings = ["--set", "data.source='classification'", "--set", f"data.path='{converted}'"]
     settings += [

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TINY = ["--set", "model.name=tiny-random", "--set", "data.num_clients=3", "--set", "data.max_samples_per_client=12"]
 
@@ -17,6 +18,7 @@ def elora_fed(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_data_stats_prints_clients_and_sample_distribution(tmp_path):
     done = elora_fed("data-stats", "--preset", "demo", *TINY, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -25,6 +27,7 @@ def test_data_stats_prints_clients_and_sample_distribution(tmp_path):
     assert stats["samples_per_client"]["max"] == 12
 
 
+@pytest.mark.e2e
 def test_check_writes_a_run_directory(tmp_path):
     done = elora_fed("check", *TINY, "--set", "run_dir='out'", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -40,6 +43,7 @@ def test_check_writes_a_run_directory(tmp_path):
         assert model["grad_norm_B"] > 0 and model["grad_norm_A"] == 0  # B = 0 at theta*: A gets no gradient
 
 
+@pytest.mark.e2e
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     cases = {
         (
@@ -62,6 +66,7 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.e2e
 def test_sketch_writes_one_file_per_client(tmp_path):
     done = elora_fed("sketch", *TINY, "--set", "sketch.dim=32", "--set", "run_dir='out'", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -76,6 +81,7 @@ def test_sketch_writes_one_file_per_client(tmp_path):
     assert all(sorted(set(s.split.tolist())) == [0, 1] and len(s.outputs) == 11 for s in sketches)
 
 
+@pytest.mark.e2e
 def test_sketch_of_classification_tasks(tmp_path):
     fixture = Path(__file__).parent / "fixtures" / "classification.jsonl"
     args = [
@@ -96,6 +102,7 @@ def test_sketch_of_classification_tasks(tmp_path):
     assert all(s.metadata.task == "classification" and (s.labels >= 0).all() for s in sketches)
 
 
+@pytest.mark.e2e
 def test_affinity_groups_sketched_clients(tmp_path):
     six = ["--set", "model.name=tiny-random", "--set", "data.num_clients=6", "--set", "data.max_samples_per_client=12"]
     assert elora_fed("sketch", *six, "--set", "sketch.dim=16", "--set", "run_dir='sk'", cwd=tmp_path).returncode == 0

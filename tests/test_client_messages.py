@@ -60,6 +60,7 @@ def test_sketch_query_replies_with_this_clients_sketch_and_reuses_the_model():
     assert client_app._adapted_model.cache_info().misses == 1  # the base model was loaded once
 
 
+@pytest.mark.e2e
 def test_malformed_sketch_replies_are_named():
     meta = SketchMetadata("tiny-random", "fp32", 4, "q_proj,v_proj", 0, "rademacher", 0, 4, 10, "lm")
     rows = {

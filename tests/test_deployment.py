@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from strategies.loopback import BIN, free_port, processes, start_federation, toml_value, wait_for_port
 from tests.test_pipeline import REPO, TINY, _env, cli, only_run_dir, run
 
@@ -18,6 +20,7 @@ __all__ = ["BIN", "SHORT", "free_port", "processes", "toml_value", "wait_for_por
 SHORT = {**TINY, "data.num_clients": 2, "clustering.num_groups": 2, "train.rounds": 1, "boost.steps": 1}
 
 
+@pytest.mark.e2e
 def test_pipeline_runs_through_a_superlink_and_two_supernodes(tmp_path):
     run_dir = tmp_path / "runs"
     settings = {**SHORT, "run_dir": str(run_dir)}
@@ -39,6 +42,7 @@ def wait_for_report(run_dir: Path, timeout: float = 60) -> dict:
     return json.loads(report_file.read_text())
 
 
+@pytest.mark.e2e
 def test_with_model_holders_a_supernode_restarted_mid_run_loses_only_its_replies(tmp_path):
     """Each node's model holder serves every message from one model load; SuperNode 1 is killed
     after the sketch phase and restarted: the run finishes under the dropout rules."""
@@ -75,6 +79,7 @@ def test_with_model_holders_a_supernode_restarted_mid_run_loses_only_its_replies
         assert served[-1].endswith("model loads 1)")
 
 
+@pytest.mark.e2e
 def test_simulation_attaches_to_a_ray_head_on_loopback(tmp_path):
     port = free_port()
     ray_tmp = Path("/tmp") / f"ray-elora-{port}"  # Ray's socket paths must stay short

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from elora_fed.adapters import load_peft_adapter
@@ -42,6 +43,7 @@ def faulty_run(mode: str, cwd, **overrides) -> dict:
     }
 
 
+@pytest.mark.e2e
 def test_malformed_updates_are_rejected_counted_and_never_aggregated(tmp_path):
     corrupted = faulty_run("corrupt", tmp_path / "corrupt")
     crashed = faulty_run("crash", tmp_path / "crash")
@@ -64,6 +66,7 @@ def test_malformed_updates_are_rejected_counted_and_never_aggregated(tmp_path):
     assert got == want
 
 
+@pytest.mark.e2e
 def test_too_few_answers_stop_the_run_with_a_named_error_and_keep_the_checkpoint(tmp_path):
     settings = {**TINY, "federation.drop_rate": 0.9, "federation.min_fraction": 0.5}
     result = subprocess.run(
@@ -76,6 +79,7 @@ def test_too_few_answers_stop_the_run_with_a_named_error_and_keep_the_checkpoint
     assert not (run_dir / "report.json").exists()
 
 
+@pytest.mark.e2e
 def test_a_straggler_is_left_out_of_its_round_by_the_round_timeout(tmp_path):
     timeout = 30.0
     run = faulty_run("straggle", tmp_path / "straggle", **{"federation.timeout_s": timeout})

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from elora_fed.flower_local import local_superlink_pids, stop_local_superlink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +18,7 @@ TINY = (
 )
 
 
+@pytest.mark.e2e
 def test_flwr_run_on_a_local_simulation_federation_finishes_and_leaves_no_process(tmp_path):
     home = tmp_path / "flwr"
     home.mkdir()

@@ -51,6 +51,7 @@ def start_holder(file: Path, log: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.e2e
 def test_the_client_app_starts_without_the_model_stack():
     """A deployed node starts one ClientApp process per message: its import must stay cheap."""
     code = "import sys, clients.app; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
@@ -59,6 +60,7 @@ def test_the_client_app_starts_without_the_model_stack():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.e2e
 def test_a_holder_serves_every_call_from_one_model_load_and_answers_as_the_local_handler(tmp_path):
     file = tmp_path / "holder.json"
     proc = start_holder(file, tmp_path / "holder.log")

@@ -123,6 +123,7 @@ def test_conversion_writes_a_plain_hf_directory(tmp_path, monkeypatch):
     assert all(torch.equal(reloaded[k], original[k]) for k in original)
 
 
+@pytest.mark.e2e
 def test_importing_elora_fed_silences_the_import_noise_it_cannot_act_on():
     """bitsandbytes' hub-kernel notice and torch's script_method warning: gone, other warnings kept."""
     import subprocess

@@ -59,6 +59,7 @@ def only_run_dir(cwd: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.e2e
 def test_a_run_killed_after_grouping_resumes_to_the_uninterrupted_result(tmp_path):
     settings = {**TINY, "train.rounds": 3, "train.local_steps": 6}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -102,6 +103,7 @@ def test_a_run_killed_after_grouping_resumes_to_the_uninterrupted_result(tmp_pat
     assert phases.count("sketch") == 1 and phases.count("train") == 3  # nothing logged twice
 
 
+@pytest.mark.e2e
 def test_custom_clustering_fedadam_trained_boosting_and_a_validation_curve(tmp_path):
     settings = {
         **TINY,
@@ -129,6 +131,7 @@ def test_custom_clustering_fedadam_trained_boosting_and_a_validation_curve(tmp_p
     assert len(curve) == (4 if first_worse is None else first_worse + 1)
 
 
+@pytest.mark.e2e
 def test_classification_clients_private_affinity_and_fedprox(tmp_path):
     """Private mode end to end: only additive statistics leave the clients, for affinity and boosting."""
     settings = {
@@ -156,6 +159,7 @@ def test_classification_clients_private_affinity_and_fedprox(tmp_path):
     assert all(mu > 0 for m in rounds for mu in m["proximal_mu"].values())
 
 
+@pytest.mark.e2e
 def test_bad_strategy_path_fails_before_the_simulation_starts(tmp_path):
     bad = subprocess.run(
         cli("run", settings={**TINY, "train.aggregation": "flwr.serverapp.strategy:FedNothing"}),
@@ -169,6 +173,7 @@ def test_bad_strategy_path_fails_before_the_simulation_starts(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.e2e
 def test_mtl_ft_baseline_skips_sketching_and_books_its_costs(tmp_path):
     settings = {
         **TINY,
@@ -190,6 +195,7 @@ def test_mtl_ft_baseline_skips_sketching_and_books_its_costs(tmp_path):
     assert set(accounting["bytes_per_client"]) == {c["client_id"] for c in report["clients"]}
 
 
+@pytest.mark.e2e
 def test_local_training_evaluates_each_clients_own_adapter_only(tmp_path):
     settings = {**TINY, "strategies.clustering": "strategies.baselines:OneGroupPerClient", "boost.steps": 0}
     run(cli("run", settings=settings), tmp_path)

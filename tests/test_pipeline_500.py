@@ -61,12 +61,14 @@ def fault_free_500(tmp_path_factory, worker_id) -> tuple[Path, str]:
     return shared_fault_free_500(tmp_path_factory, worker_id)
 
 
+@pytest.mark.e2e
 def test_500_clients_end_to_end_write_the_whole_run_directory(fault_free_500):
     run_dir, output = fault_free_500
     m = check_run_dir(run_dir, clients=500, fraction=0.5)
     assert f"EnsembleLoRA: 500 clients, {m} groups" in output
 
 
+@pytest.mark.e2e
 def test_the_run_loads_back_as_an_ensemble_whose_score_reproduces_the_reported_test_loss(fault_free_500):
     from elora_fed.batches import client_batches
     from elora_fed.federated_data import load_clients

@@ -5,10 +5,13 @@ Its own file, so that pytest-xdist runs it beside the fault-free run (see there)
 
 import json
 
+import pytest
+
 from tests.test_pipeline import cli, only_run_dir, run
 from tests.test_pipeline_500 import FIVE_HUNDRED, shared_fault_free_500
 
 
+@pytest.mark.e2e
 def test_500_clients_with_20_percent_dropout_finish_within_2_percent_of_the_fault_free_loss(
     tmp_path, tmp_path_factory, worker_id
 ):

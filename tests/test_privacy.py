@@ -257,6 +257,7 @@ def test_the_client_noises_its_reply_before_sending_it():
     assert float(stats.train.loss) == 0.0 and float(stats.train.count) == float((plain.split == 0).sum())
 
 
+@pytest.mark.e2e
 def test_a_noisy_run_on_ray_reports_its_epsilon(tmp_path):
     from tests.test_pipeline import _env, cli, only_run_dir
 

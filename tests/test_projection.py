@@ -29,6 +29,7 @@ def test_entry_distribution(kind):
         assert torch.allclose(block.abs(), torch.tensor(0.1))
 
 
+@pytest.mark.e2e
 def test_two_processes_build_the_same_projection():
     code = (
         "import torch, hashlib; from elora_fed.projection import JLProjector;"

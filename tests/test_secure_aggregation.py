@@ -207,6 +207,7 @@ def quantization_bound(out: Path, config: RunConfig) -> tuple[float, float]:
     return worst, largest
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("folder", "secagg"),
     [
@@ -241,6 +242,7 @@ def test_secure_affinity_equals_the_private_mode_within_the_quantization_bound(r
     assert json.loads((run_dir(runs, folder) / "report.json").read_text())["num_clients"] == 6
 
 
+@pytest.mark.e2e
 def test_the_server_never_receives_a_clients_statistics_in_secure_mode(runs):
     secure_dir = run_dir(runs, "secure")
     assert not (secure_dir / "statistics.npz").exists() and not (secure_dir / "sketches").exists()

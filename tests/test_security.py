@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -162,6 +163,7 @@ def process_trees(log_dir: Path) -> Iterator[Callable[[str, list[str], dict[str,
                             child.kill()
 
 
+@pytest.mark.e2e
 def test_only_an_authenticated_supernode_trusting_the_ca_joins_and_the_pipeline_runs_over_tls(tmp_path):
     pki = tmp_path / "pki"
     pki.mkdir()

@@ -98,6 +98,7 @@ def test_solving_restores_the_thread_count():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.e2e
 def test_the_solver_imports_without_the_model_stack():
     """Solving, the statistics and the lambda calibration need no peft or transformers (only ``task_features`` does)."""
     code = (
