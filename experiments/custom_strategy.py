@@ -1,7 +1,8 @@
-"""A worked example of replacing a phase: group Shakespeare roles by play instead of by affinity.
+"""A worked example of replacing a strategy: group Shakespeare roles by play instead of by affinity.
 
-Any phase named in the config's ``strategies`` section is a class built as ``Class(config)``
-(the resolved ``RunConfig``). A clustering provides ``group(affinity, client_ids)`` and
+The affinity estimator and the clustering named in the config's ``strategies`` section are
+classes built as ``Class(config)`` (the resolved ``RunConfig``); whole phases are built as
+``Class(run, fed)`` instead (``experiments/custom_phase.py``). A clustering provides ``group(affinity, client_ids)`` and
 returns one group label per client (ints from 0, in ``client_ids`` order); an affinity
 estimator provides ``estimate(sketches)`` and returns an (n, n) array. Use this one with
 

@@ -151,3 +151,23 @@ def test_a_phase_slot_takes_a_users_class_from_a_file(tmp_path):
     assert "weights" not in phases  # no evaluation exchange: the user's phase learned nothing
     assert report["seconds"]["weights"] >= 0 and report["phase_order"][4] == "weights"
 
+
+def test_the_worked_reassign_phase_moves_clients_to_their_best_group_and_retrains(tmp_path):
+    settings = {**TINY, "boost.steps": 0, "run_dir": str(tmp_path / "runs")}
+    train = "experiments/custom_phase.py:ReassignAndRetrain"
+    run_dir = run_pipeline(InProcessGrid(4), RunConfig.from_flat({**settings, "strategies.train": train}))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    phases = [r["phase"] for r in records]
+    (reassign,) = [r for r in records if r["phase"] == "reassign"]
+    moves = json.loads((run_dir / "reassigned_groups.json").read_text())
+    assert moves["moved"] == reassign["moved"] == sum(moves["before"][c] != moves["after"][c] for c in moves["before"])
+    for client, losses in moves["validation_group_loss"].items():  # every client went to its best group
+        best = min(losses, key=losses.get)
+        assert moves["after"][client] == sorted(
+            {min(v, key=v.get) for v in moves["validation_group_loss"].values()}
+        ).index(best)
+    # At this seed two clients move, so the groups are retrained; the report's groups are the new ones.
+    assert moves["moved"] > 0 and phases.count("train") == 2 * TINY["train.rounds"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert {r["client_id"]: r["group"] for r in report["clients"]} == moves["after"]
+    assert report["num_groups"] == reassign["groups"] == len(set(moves["after"].values()))
