@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 from transformers import PreTrainedTokenizerBase
 
 from clients.protocol import MODEL_SIZE_KEYS, Metrics, number, run_config
-from clients.records import ensemble_from, sketch_to_record, statistics_to_record
+from clients.records import ensemble_from, release_to_record
 from clients.secure import (
     StatisticsCache,
     secure_statistics_content,
@@ -35,6 +35,7 @@ from clients.secure import (
 )
 from elora_fed.accounting import TokenCounter, base_parameter_count
 from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.affinity_modes import affinity_mode
 from elora_fed.batches import Batch, client_batches
 from elora_fed.classification import ClassificationSamples
 from elora_fed.client_sketch import ClientSketch, sketch_client, sketch_setup
@@ -54,7 +55,6 @@ from elora_fed.ensemble import (
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
-from elora_fed.privacy import released_sketch, released_statistics
 from elora_fed.sketch import gradient_dim, sketch_batches
 from elora_fed.statistics import ClientStatistics
 from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
@@ -201,16 +201,14 @@ def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     are clipped and noised here, before anything is sent (``elora_fed.privacy``).
     """
     node = node_for(content, context)
-    if node.config.affinity.mode == "secure":  # the statistics stay here, for the SecAgg+ rounds (``clients.secure``)
+    mode = affinity_mode(node.config)
+    if mode.secure_aggregation:  # the release stays here, for the SecAgg+ rounds (``clients.secure``)
         client_id, _, rows = _statistics(content, context)
         return RecordDict(
             {"sketch_meta": ConfigRecord({"client_id": client_id}), "metrics": MetricRecord({"projected-rows": rows})}
         )
     result = _sketch(node)
-    if node.config.affinity.mode == "private":
-        reply = statistics_to_record(result.client_id, released_statistics(result, node.config))
-    else:
-        reply = sketch_to_record(released_sketch(result, node.config))
+    reply = release_to_record(result.client_id, mode.release(result))
     reply["metrics"] = MetricRecord({"projected-rows": len(result.outputs)})
     return reply
 
@@ -235,7 +233,10 @@ def _statistics(content: RecordDict, context: Context) -> tuple[str, ClientStati
 
     def compute() -> tuple[ClientStatistics, int]:
         result = _sketch(node)
-        return released_statistics(result, node.config), len(result.outputs)
+        release = affinity_mode(node.config).release(result)
+        if not isinstance(release, ClientStatistics):
+            raise DataError(f"affinity.mode = {node.config.affinity.mode!r} aggregates securely but releases a sketch")
+        return release, len(result.outputs)
 
     stats, rows = _STATISTICS.get(node.config, node.client.client_id, context, compute)
     return node.client.client_id, stats, rows

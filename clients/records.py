@@ -99,3 +99,18 @@ def sketch_from_record(content: RecordDict) -> ClientSketch:
     if not np.isfinite(values["outputs"]).all() or not np.isfinite(features).all():
         raise DataError(f"malformed sketch reply from '{client_id}': non-finite values")
     return ClientSketch(client_id=client_id, metadata=metadata, **values)
+
+
+def release_to_record(client_id: str, release: ClientSketch | ClientStatistics) -> RecordDict:
+    """A sketch-phase reply carrying an affinity mode's release (``elora_fed.affinity_modes``)."""
+    if isinstance(release, ClientSketch):
+        return sketch_to_record(release)
+    return statistics_to_record(client_id, release)
+
+
+def release_from_record(content: RecordDict, dim: int) -> tuple[str, ClientSketch | ClientStatistics]:
+    """The client id and release in a sketch-phase reply, a sketch or statistics; DataError naming what is malformed."""
+    if "statistics" in content.array_records:
+        return statistics_from_record(content, dim)
+    sketch = sketch_from_record(content)
+    return sketch.client_id, sketch

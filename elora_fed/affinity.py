@@ -213,17 +213,22 @@ def _affinity(
     return AffinityResult(affinity, estimates, alone, seconds)
 
 
-def gradient_cosine_affinity(tasks: Sequence[TaskFeatures]) -> np.ndarray:
-    """Cosine similarity of the tasks' mean train loss gradients in sketch space, mean_s loss'(b_s) g_s; zero diagonal.
+def mean_train_gradient(task: TaskFeatures) -> torch.Tensor:
+    """A task's mean train loss gradient in sketch space, mean_s loss'(b_s) g_s (float64, length d)."""
+    return -(torch.sigmoid(-task.train_outputs.double()) @ task.train_features.double()) / len(task.train_outputs)
 
-    A task whose mean gradient is zero has similarity 0 to every other task.
-    """
-    dims = sorted({t.dim for t in tasks})
+
+def gradient_cosine_affinity(tasks: Sequence[TaskFeatures]) -> np.ndarray:
+    """Cosine similarity of the tasks' mean train loss gradients (``mean_train_gradient``); zero diagonal."""
+    return cosine_affinity([mean_train_gradient(t) for t in tasks])
+
+
+def cosine_affinity(vectors: Sequence[torch.Tensor]) -> np.ndarray:
+    """Pairwise cosine similarity of one vector per task; zero diagonal; a zero vector is 0 to every other."""
+    dims = sorted({len(v) for v in vectors})
     if len(dims) != 1:
         raise DataError(f"need tasks that share one sketch dimension d, got dimensions {dims}")
-    gradients = torch.stack(
-        [-(torch.sigmoid(-t.train_outputs.double()) @ t.train_features.double()) / len(t.train_outputs) for t in tasks]
-    )
+    gradients = torch.stack([v.double() for v in vectors])
     norms = torch.linalg.vector_norm(gradients, dim=1, keepdim=True)
     unit = torch.where(norms > 0, gradients / norms, 0.0)
     cosine = (unit @ unit.T).numpy()

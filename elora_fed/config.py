@@ -173,8 +173,10 @@ class AffinityConfig(Section):
 
     ``mode`` is ``exact`` (surrogate fine-tuning on the clients' features), ``private``
     (only additive per-client statistics), ``secure`` (the private mode through secure
-    aggregation: the server sees only sums over subsets, ``secagg``) or
-    ``gradient-cosine`` (the baseline). ``lam`` is the surrogate's L2 strength, calibrated
+    aggregation: the server sees only sums over subsets, ``secagg``),
+    ``gradient-cosine`` (the baseline), or a user's mode class, ``module:Class`` or
+    ``path/file.py:Class`` (``elora_fed.affinity_modes``: what clients release, and the
+    estimate from it). ``lam`` is the surrogate's L2 strength, calibrated
     against real fine-tuning (``experiments/estimation_error.py`` reports its choice).
     ``num_subsets`` random subsets of ``subset_size`` clients are solved, plus greedy ones
     until every pair of clients shares a subset. ``offsets = "remove"`` subtracts each
@@ -190,7 +192,10 @@ class AffinityConfig(Section):
     offsets: str = "keep"
 
     def validate(self) -> None:
-        _check_choice("affinity.mode", self.mode, ("exact", "private", "secure", "gradient-cosine"))
+        if ":" in self.mode:  # a user's mode class (``elora_fed.affinity_modes``)
+            _check_dotted_path("affinity.mode", self.mode)
+        else:
+            _check_choice("affinity.mode", self.mode, AFFINITY_MODES)
         _check_choice("affinity.offsets", self.offsets, ("keep", "remove"))
         _check_range("affinity.lam", self.lam, low=0.0, inclusive_low=False)
         _check_range("affinity.subset_size", self.subset_size, low=2)
@@ -576,6 +581,10 @@ def _check_dotted_path(key: str, value: str) -> None:
         raise ConfigError(
             f"config key '{key}' = {value!r} is not of the form 'package.module:Class' or 'path/file.py:Class'"
         )
+
+
+AFFINITY_MODES = ("exact", "private", "secure", "gradient-cosine")
+"""The built-in ``affinity.mode``s (``elora_fed.affinity_modes.BUILT_IN``)."""
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -22,7 +22,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from elora_fed.adapters import attach_lora
-from elora_fed.affinity import affinity_from_features, gradient_cosine_affinity
+from elora_fed.affinity_modes import affinity_mode
 from elora_fed.client_sketch import load_sketches, sketch_client, sketch_setup
 from elora_fed.clustering import cluster, spectral_clustering
 from elora_fed.compute import compute_context
@@ -33,7 +33,6 @@ from elora_fed.models import TINY_MODEL, load_base_model, load_tokenizer
 from elora_fed.plots import affinity_heatmap
 from elora_fed.run_dir import create_run_dir, write_json
 from elora_fed.splits import SPLITS
-from elora_fed.task_features import task_features
 
 
 def _console() -> Console:
@@ -145,20 +144,20 @@ def run_sketch(config: RunConfig) -> dict[str, Any]:
 
 
 def run_affinity(config: RunConfig, sketches: Path) -> dict[str, Any]:
-    """Affinity matrix, heatmap and groups of the clients sketched in ``sketches``."""
+    """Affinity matrix, heatmap and groups of the clients sketched in ``sketches``.
+
+    The affinity is ``affinity.mode``'s estimate from what each client would release (so
+    with ``privacy`` on, from noised releases, as a server would see them).
+    """
     console = _console()
     run = create_run_dir(config, "affinity")
     loaded = load_sketches(sketches)
-    tasks = [task_features(s) for s in loaded]
     ids = [s.client_id for s in loaded]
     af, cl = config.affinity, config.clustering
     start = time.perf_counter()
-    if af.mode == "gradient-cosine":
-        affinity, stages = gradient_cosine_affinity(tasks), {}
-    else:
-        private = af.mode in ("private", "secure")  # offline, secure mode's math is the private mode's (no SecAgg+)
-        result = affinity_from_features(tasks, af.subset_size, af.num_subsets, af.lam, af.seed, private)
-        affinity, stages = result.affinity, result.seconds
+    mode = affinity_mode(config)  # offline, a secure mode estimates from its releases as its private twin does
+    releases = [mode.release(s) for s in loaded]
+    affinity = np.asarray(mode.estimate(releases), dtype=np.float64)
     affinity_s = time.perf_counter() - start
     console.log(f"affinity of {len(ids)} clients ({af.mode}) in {affinity_s:.1f} s")
     start = time.perf_counter()
@@ -183,7 +182,6 @@ def run_affinity(config: RunConfig, sketches: Path) -> dict[str, Any]:
         "seconds": {
             "affinity": affinity_s,
             "clustering": clustering_s,
-            **{f"affinity.{k}": v for k, v in stages.items()},
         },
     }
     write_json(run / "groups.json", summary)

@@ -52,7 +52,7 @@ import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ from elora_fed.client_sketch import ClientSketch
 from elora_fed.config import PrivacyConfig, RunConfig
 from elora_fed.statistics import ClientStatistics, SplitStatistics, client_statistics, split_statistics
 from elora_fed.task_features import task_features
+
+if TYPE_CHECKING:
+    from elora_fed.affinity_modes import AffinityMode
 
 # ---------------------------------------------------------------------------- clipping
 
@@ -158,9 +161,6 @@ def released_statistics(sketch: ClientSketch, config: RunConfig) -> ClientStatis
 
 # ---------------------------------------------------------------------------- accounting
 
-STATISTICS_MODES = ("private", "secure")
-"""``affinity.mode``s in which clients send statistics (``released_statistics``) instead of sketches."""
-
 
 @dataclass(frozen=True)
 class NoisedPart:
@@ -171,15 +171,19 @@ class NoisedPart:
     noise_std: float
 
 
-def release_parts(privacy: PrivacyConfig, mode: str) -> list[NoisedPart]:
-    """The noised parts of one client's sketch-phase reply in ``mode`` (``affinity.mode``)."""
+def row_parts(privacy: PrivacyConfig) -> list[NoisedPart]:
+    """The noised parts of a released sketch (``released_sketch``): its gradient rows and base outputs."""
     z, c, b = privacy.noise_multiplier, privacy.clip_norm, privacy.output_bound
-    if mode in STATISTICS_MODES:
-        return [
-            NoisedPart("gradient sums", 2 * c, z * c),
-            NoisedPart("curvature sums (upper triangle)", math.sqrt(2) * c * c / 4, z * c * c / 4),
-        ]
     return [NoisedPart("projected gradient rows", 2 * c, z * c), NoisedPart("base outputs", 2 * b, z * b)]
+
+
+def statistics_parts(privacy: PrivacyConfig) -> list[NoisedPart]:
+    """The noised parts of released statistics (``released_statistics``): gradient and curvature sums."""
+    z, c = privacy.noise_multiplier, privacy.clip_norm
+    return [
+        NoisedPart("gradient sums", 2 * c, z * c),
+        NoisedPart("curvature sums (upper triangle)", math.sqrt(2) * c * c / 4, z * c * c / 4),
+    ]
 
 
 def gaussian_mu(parts: list[NoisedPart]) -> float:
@@ -226,7 +230,7 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
     return float(brentq(lambda e: gaussian_delta(e, mu) - delta, 0.0, high, xtol=1e-12, rtol=1e-12))
 
 
-def privacy_report(config: RunConfig, releases: int) -> dict[str, Any]:
+def privacy_report(config: RunConfig, mode: AffinityMode, releases: int) -> dict[str, Any]:
     """The run's guarantee, for report.json: settings, mu, (epsilon, delta), what is covered and what is not.
 
     ``releases`` is how many times each client released its sketch-phase reply (1 in a run
@@ -235,14 +239,8 @@ def privacy_report(config: RunConfig, releases: int) -> dict[str, Any]:
     pc = config.privacy
     if not pc.enabled:
         return {"enabled": False, "noise_multiplier": 0.0, "epsilon": None, "covers": "nothing: no noise is added"}
-    mode = config.affinity.mode
-    parts = release_parts(pc, mode)
+    parts = mode.privacy_parts()
     mu = compose([gaussian_mu(parts)] * releases)
-    released = (
-        "per-sample projected gradient rows (clipped to clip_norm) and base outputs (clipped to output_bound)"
-        if mode not in STATISTICS_MODES
-        else "gradient and curvature sums of clipped projected gradient rows (loss sums not released)"
-    )
     return {
         "enabled": True,
         "noise_multiplier": pc.noise_multiplier,
@@ -256,7 +254,7 @@ def privacy_report(config: RunConfig, releases: int) -> dict[str, Any]:
         "accountant": "analytic Gaussian mechanism (Balle & Wang 2018); releases composed exactly (Gaussian DP)",
         "neighbouring": "one train or validation sample of one client replaced (sample counts are public)",
         "parts": [dataclasses.asdict(p) for p in parts],
-        "covers": f"the sketch phase ({mode} mode): {released}, noised on each client before sending",
+        "covers": f"the sketch phase ({config.affinity.mode} mode): {mode.released}, noised on each client first",
         "not_covered": [
             "sample counts per split",
             "federated training updates",

@@ -4,7 +4,8 @@ Each step picks the group whose clients' pooled training loss under its current 
 is highest, fits one more adapter to its residuals, and keeps it if the group's loss
 drops; the first step that does not stops boosting (``boost.*``). Two fits:
 - ``first-order``: ridge regression of the residuals in sketch space, lifted with the JL
-  projection P (no training round); in private mode clients send the ridge statistics;
+  projection P (no training round); the sketch phase's rows are reused when the affinity
+  mode released per-sample rows (``per_sample_rows``), else clients send ridge statistics;
 - ``trained``: ``boost.rounds`` federated rounds of a new adapter on the residual objective.
 Group g's t-th kept adapter (t from 0) is ``group-<g>-boost-<t>``, in the checkpoint and under ``adapters/``.
 """
@@ -21,6 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from clients.protocol import number
 from clients.records import ensemble_records
 from elora_fed.adapters import save_peft_adapter
+from elora_fed.affinity_modes import affinity_mode
 from elora_fed.client_sketch import ClientSketch, load_sketches
 from elora_fed.ensemble import AdapterState, GroupAdapters, lift, ridge_fit, ridge_statistics
 from elora_fed.errors import DataError
@@ -114,8 +116,9 @@ def first_order_boost(
     With the sketch phase's train features at hand (exact mode: same theta* and P), only
     residuals are needed: those ``known`` from the group's last loss check (``query_boost``
     under the same ensemble) are used as they are, so no exchange runs (the Exchange is
-    then None); otherwise clients are asked for them. In private mode clients send the
-    additive statistics G^T G and G^T r instead, and no per-sample feature leaves them.
+    then None); otherwise clients are asked for them. Without ``sketches`` (the affinity mode
+    released no per-sample rows: private, secure) clients send the additive statistics
+    G^T G and G^T r instead, and no per-sample feature leaves them.
     """
     config = fed.config
     have = all(c in sketches for c in members)
@@ -175,7 +178,8 @@ class BoostingPhase:
             result: Exchange | None = None
             if bc.variant == "first-order":
                 folder = run.dir / "sketches"
-                sketches = {s.client_id: s for s in load_sketches(folder)} if folder.exists() else {}
+                reuse = folder.exists() and affinity_mode(config).per_sample_rows
+                sketches = {s.client_id: s for s in load_sketches(folder)} if reuse else {}
                 adapter, result = yield from first_order_boost(fed, groups[g], ensemble[g], sketches, known)
             else:
                 adapter = yield from self._trained(step, g, groups[g], ensemble[g])

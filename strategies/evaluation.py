@@ -16,10 +16,11 @@ from clients.protocol import number
 from clients.records import ensemble_records
 from elora_fed.ensemble import GroupAdapters
 from elora_fed.errors import ConfigError, DataError
+from elora_fed.plugins import load_class
 from elora_fed.run_dir import write_json
 from strategies.federation import Federation
 from strategies.messaging import Exchange, exchange_metrics
-from strategies.phase import Request, Steps, load_class
+from strategies.phase import Request, Steps
 from strategies.run_state import RunState
 
 

@@ -2,9 +2,9 @@
 
 Both steps are replaceable by dotted path (``strategies.affinity``, ``strategies.clustering``):
 - an affinity estimator: ``Class(config)`` with ``estimate(collected) -> (n, n) array``,
-  higher meaning "training together helps", where ``collected`` is the clients' sketches
-  in client order (their statistics in private mode; a ``SubsetSums`` in secure mode);
-  ``SurrogateAffinity`` is the default;
+  higher meaning "training together helps", where ``collected`` is the clients' releases
+  in client order (sketches or statistics, as the ``affinity.mode`` releases; a
+  ``SubsetSums`` in a secure mode); ``SurrogateAffinity``, the mode's own estimate, is the default;
 - a clustering: ``Class(config)`` with ``group(affinity, client_ids) -> labels`` (n ints,
   groups numbered from 0; ``SDPClustering`` is the default). A clustering with
   ``needs_affinity = False`` gets ``None`` and the sketch phase is skipped.
@@ -19,59 +19,40 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from elora_fed.affinity import (
-    affinity_from_features,
-    affinity_from_statistics,
-    affinity_from_subset_sums,
-    gradient_cosine_affinity,
-    remove_offsets,
-)
+from elora_fed.affinity import remove_offsets
+from elora_fed.affinity_modes import Collected, affinity_mode
 from elora_fed.client_sketch import ClientSketch, load_sketches
 from elora_fed.clustering import canonical_labels, cluster, spectral_clustering
 from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
 from elora_fed.plots import affinity_heatmap
+from elora_fed.plugins import load_class
 from elora_fed.run_dir import write_json
 from elora_fed.statistics import ClientStatistics, load_statistics
-from elora_fed.subset_solver import SubsetSums
-from elora_fed.task_features import task_features
 from strategies.federation import Federation
 from strategies.messaging import console
-from strategies.phase import Steps, load_class
+from strategies.phase import Steps
 from strategies.run_state import RunState
 from strategies.secure_statistics import SecureStatistics
 from strategies.sketching import needs_affinity
 
 
 class SurrogateAffinity:
-    """Task affinity from surrogate fine-tuning on client subsets (``affinity.*``).
+    """The affinity mode's estimate (``affinity.mode``), without per-task offsets if ``affinity.offsets = "remove"``.
 
-    ``estimate`` gets what the sketch phase collected, in client order: ``ClientSketch``es,
-    or ``ClientStatistics`` in private mode; in secure mode a ``SubsetSums`` that sums each
-    subset by secure aggregation (``strategies.secure_statistics.SecureStatistics``).
+    ``estimate`` gets what the sketch phase collected, in client order: the mode's releases
+    (``ClientSketch``es or ``ClientStatistics``), or in a secure mode a ``SubsetSums`` that
+    sums each subset by secure aggregation (``strategies.secure_statistics.SecureStatistics``).
     """
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config.affinity
+        self.mode = affinity_mode(config)
 
-    def estimate(self, collected: Sequence[ClientSketch] | Sequence[ClientStatistics] | SubsetSums) -> np.ndarray:
-        affinity = self._estimate(collected)
+    def estimate(self, collected: Collected) -> np.ndarray:
+        affinity = self.mode.estimate(collected)
         n = affinity.shape[0]
         return remove_offsets(affinity) if self.config.offsets == "remove" and n >= 3 else affinity
-
-    def _estimate(self, collected: Sequence[ClientSketch] | Sequence[ClientStatistics] | SubsetSums) -> np.ndarray:
-        af = self.config
-        if isinstance(collected, SubsetSums):
-            size = min(af.subset_size, collected.num_clients)
-            return affinity_from_subset_sums(collected, size, af.num_subsets, af.lam, af.seed).affinity
-        size = min(af.subset_size, len(collected))
-        if all(isinstance(c, ClientStatistics) for c in collected):
-            stats = [c for c in collected if isinstance(c, ClientStatistics)]
-            return affinity_from_statistics(stats, size, af.num_subsets, af.lam, af.seed).affinity
-        tasks = [task_features(c) for c in collected if isinstance(c, ClientSketch)]
-        if af.mode == "gradient-cosine":
-            return gradient_cosine_affinity(tasks)
-        return affinity_from_features(tasks, size, af.num_subsets, af.lam, af.seed).affinity
 
 
 class SDPClustering:
@@ -134,7 +115,7 @@ class GroupingPhase:
         """The clients the estimator has data for, and their affinity."""
         run, config = self.run, self.run.config
         collected: list[ClientSketch] | list[ClientStatistics] | SecureStatistics
-        if config.affinity.mode == "secure":  # every client, even one that missed the sketch phase: it computes then
+        if affinity_mode(config).secure_aggregation:  # every client, even one that missed the sketch phase
             collected = SecureStatistics(self.fed, ids)
         elif (run.dir / "statistics.npz").exists():
             ids, collected = load_statistics(run.dir / "statistics.npz")

@@ -16,17 +16,12 @@ through ``RunState`` so a resumed run continues inside it.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
 from collections.abc import Generator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from flwr.app import Message
 
-from elora_fed.errors import ConfigError
 from strategies.messaging import Exchange
 
 if TYPE_CHECKING:
@@ -68,26 +63,3 @@ def drive(steps: Steps[T], fed: Federation) -> T:
             request = steps.send(fed.exchange(request.messages, request.label, retries=request.retries))
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
-
-
-def load_class(path: str, key: str) -> type[Any]:
-    """The class named by ``package.module:Class`` or ``path/to/file.py:Class``.
-
-    ConfigError naming ``key`` if it cannot be loaded.
-    """
-    module_name, _, name = path.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"no Python file at {module_name}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        cls = getattr(module, name)
-    except (ImportError, AttributeError, OSError) as e:
-        raise ConfigError(f"config key '{key}' = {path!r} cannot be loaded: {e}") from e
-    if not inspect.isclass(cls):
-        raise ConfigError(f"config key '{key}' = {path!r} is not a class")
-    return cls

@@ -28,14 +28,16 @@ from pathlib import Path
 
 from flwr.serverapp import Grid
 
+from elora_fed.affinity_modes import affinity_mode
 from elora_fed.config import DataConfig, ModelConfig, RunConfig
 from elora_fed.errors import DataError
+from elora_fed.plugins import load_class
 from elora_fed.privacy import describe, privacy_report
 from elora_fed.run_dir import write_json
 from strategies.federation import discover, wait_for_nodes
 from strategies.ledger import Ledger
 from strategies.messaging import console
-from strategies.phase import Phase, drive, load_class
+from strategies.phase import Phase, drive
 from strategies.report import build_report, markdown, print_summary
 from strategies.run_state import RunState
 from strategies.sketching import needs_affinity
@@ -75,7 +77,9 @@ def _run_phases(grid: Grid, run: RunState) -> None:
     ledger = Ledger(run.info.setdefault("ledger", {}))
     fed = discover(grid, config, wait_for_nodes(grid, expected, config.federation.wait_s), ledger)
     write_json(run.dir / "clients.json", [{"client_id": c, **fed.samples[c]} for c in fed.client_ids])
-    privacy = privacy_report(config, releases=int(needs_affinity(run)))  # one sketch-phase release per client
+    privacy = privacy_report(
+        config, affinity_mode(config), releases=int(needs_affinity(run))
+    )  # one sketch-phase release per client
     if config.privacy.enabled:
         console.log(describe(privacy))
     for slot, cls in classes.items():

@@ -20,8 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError, EloraFedError
+from elora_fed.plugins import load_class
 from strategies.messaging import error_gist
-from strategies.phase import load_class
 from strategies.pipeline import count_clients, run_pipeline
 
 

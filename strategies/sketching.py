@@ -1,19 +1,25 @@
 """The sketch phase: every client's sketch of its train and validation samples, or its statistics.
 
-What a client sends depends on ``affinity.mode``: in exact mode its ``ClientSketch`` (saved
-under ``sketches/``), in private mode its ``ClientStatistics`` (``statistics.npz``), in
-secure mode nothing here (its statistics stay on the client for the SecAgg+ rounds of the
-grouping phase). Clients that fail are left out; the grouping phase assigns them a group.
+What a client sends is its affinity mode's release (``elora_fed.affinity_modes``): a
+``ClientSketch`` (saved under ``sketches/``) or ``ClientStatistics`` (``statistics.npz``);
+in a secure mode nothing here (the release stays on the client for the SecAgg+ rounds of
+the grouping phase). Clients that fail are left out; the grouping phase assigns them a group.
 A clustering that needs no affinity (``needs_affinity = False``: the baselines) skips it.
 """
 
 from __future__ import annotations
 
-from clients.records import sketch_from_record, statistics_from_record
-from elora_fed.statistics import save_statistics
+from operator import itemgetter
+
+from clients.records import release_from_record
+from elora_fed.affinity_modes import affinity_mode
+from elora_fed.client_sketch import ClientSketch
+from elora_fed.errors import DataError
+from elora_fed.plugins import load_class
+from elora_fed.statistics import ClientStatistics, save_statistics
 from strategies.federation import Federation
 from strategies.messaging import exchange_metrics
-from strategies.phase import Request, Steps, load_class
+from strategies.phase import Request, Steps
 from strategies.run_state import RunState
 
 
@@ -34,13 +40,18 @@ class SketchPhase:
             return
         fed, run = self.fed, self.run
         result = yield Request(fed.requests(fed.client_ids, "query.sketch", {}), "sketch")
-        mode = fed.config.affinity.mode
-        if mode == "private":
-            records = (statistics_from_record(r.content, fed.config.sketch.dim) for r in result.replies)
-            stats = sorted(records, key=lambda item: item[0])
+        if not affinity_mode(fed.config).secure_aggregation:
+            releases = sorted(
+                (release_from_record(r.content, fed.config.sketch.dim) for r in result.replies), key=itemgetter(0)
+            )
+            stats = [(c, s) for c, s in releases if isinstance(s, ClientStatistics)]
+            if stats and len(stats) < len(releases):
+                raise DataError(
+                    "the sketch phase's replies mix sketches and statistics: one affinity mode releases one"
+                )
             if stats:
                 save_statistics(run.dir / "statistics.npz", [c for c, _ in stats], [s for _, s in stats])
-        elif mode != "secure":
-            for sketch in sorted((sketch_from_record(r.content) for r in result.replies), key=lambda s: s.client_id):
-                sketch.save(run.dir / "sketches")
+            for _, sketch in releases:
+                if isinstance(sketch, ClientSketch):
+                    sketch.save(run.dir / "sketches")
         run.log({"phase": "sketch", **exchange_metrics(result)})

@@ -24,11 +24,12 @@ from elora_fed.adapters import save_peft_adapter
 from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import ConfigError
+from elora_fed.plugins import load_class
 from elora_fed.run_dir import adapter_dir, adapter_name
 from strategies.evaluation import client_mean, evaluate
 from strategies.federation import Federation, GroupGrid
 from strategies.messaging import console, exchange_metrics
-from strategies.phase import Request, Steps, load_class
+from strategies.phase import Request, Steps
 from strategies.run_state import RunState
 from strategies.validation import UpdateLimits, screen
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from elora_fed.accounting import ModelSize
+from elora_fed.client_sketch import load_sketches
 from elora_fed.config import RunConfig
+from elora_fed.errors import ConfigError
 from strategies.evaluation import WeightsPhase
 from strategies.federation import Federation
 from strategies.in_process import InProcessGrid, act_as_server
@@ -171,3 +174,20 @@ def test_the_worked_reassign_phase_moves_clients_to_their_best_group_and_retrain
     report = json.loads((run_dir / "report.json").read_text())
     assert {r["client_id"]: r["group"] for r in report["clients"]} == moves["after"]
     assert report["num_groups"] == reassign["groups"] == len(set(moves["after"].values()))
+
+
+def test_a_users_affinity_mode_releases_its_own_data_and_matches_the_baseline_it_compresses(tmp_path):
+    settings = {**TINY, "boost.steps": 1, "run_dir": str(tmp_path / "runs")}
+    cosine = run_pipeline(InProcessGrid(4), RunConfig.from_flat({**settings, "affinity.mode": "gradient-cosine"}))
+    mode = "experiments/custom_affinity_mode.py:MeanGradientMode"
+    mean = run_pipeline(InProcessGrid(4), RunConfig.from_flat({**settings, "affinity.mode": mode}))
+    released = load_sketches(mean / "sketches")
+    assert [s.features.shape for s in released] == [(1, TINY["sketch.dim"])] * 4  # one row each left the client
+    assert len(load_sketches(cosine / "sketches")[0].outputs) > 1
+    np.testing.assert_allclose(np.load(mean / "affinity.npy"), np.load(cosine / "affinity.npy"), atol=1e-5)
+    # First-order boosting did not take the one-row release for per-sample rows: it ran and finished.
+    assert [r["phase"] for r in map(json.loads, (mean / "metrics.jsonl").read_text().splitlines())].count("boost") >= 2
+    with pytest.raises(ConfigError, match="adds no noise"):
+        run_pipeline(
+            InProcessGrid(4), RunConfig.from_flat({**settings, "affinity.mode": mode, "privacy.noise_multiplier": 1.0})
+        )

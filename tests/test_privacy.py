@@ -14,6 +14,7 @@ from scipy.stats import norm
 from clients import handlers as client_app
 from clients.protocol import run_record
 from clients.records import sketch_from_record, statistics_from_record
+from elora_fed.affinity_modes import affinity_mode
 from elora_fed.client_sketch import ClientSketch, SketchMetadata
 from elora_fed.config import PrivacyConfig, RunConfig
 from elora_fed.errors import ConfigError
@@ -28,7 +29,6 @@ from elora_fed.privacy import (
     noisy_sketch,
     noisy_statistics,
     privacy_report,
-    release_parts,
     released_sketch,
     released_statistics,
     symmetric_noise,
@@ -106,15 +106,19 @@ def test_epsilon_falls_with_noise_and_delta_and_composes_exactly():
 
 
 def test_each_mode_is_one_gaussian_mechanism_over_its_noised_parts():
-    pc = PrivacyConfig(noise_multiplier=2.0, clip_norm=0.5, output_bound=4.0)
-    assert gaussian_mu(release_parts(pc, "exact")) == pytest.approx(2 * math.sqrt(2) / 2.0)
-    assert gaussian_mu(release_parts(pc, "private")) == pytest.approx(math.sqrt(6) / 2.0)
-    assert release_parts(pc, "secure") == release_parts(pc, "private")  # the same statistics, masked
-    report = privacy_report(config(noise_multiplier=2.0, delta=1e-6), releases=1)
+    noised = {"privacy.noise_multiplier": 2.0, "privacy.clip_norm": 0.5, "privacy.output_bound": 4.0}
+
+    def mu(mode: str) -> float:
+        return gaussian_mu(affinity_mode(RunConfig.from_flat({**noised, "affinity.mode": mode})).privacy_parts())
+
+    assert mu("exact") == mu("gradient-cosine") == pytest.approx(2 * math.sqrt(2) / 2.0)
+    assert mu("private") == mu("secure") == pytest.approx(math.sqrt(6) / 2.0)  # the same statistics, masked
+    noisy = config(noise_multiplier=2.0, delta=1e-6)
+    report = privacy_report(noisy, affinity_mode(noisy), releases=1)
     assert report["epsilon"] == pytest.approx(gaussian_epsilon(math.sqrt(2), 1e-6))
-    assert report["delta"] == 1e-6 and "sketch phase" in report["covers"]
-    assert privacy_report(config(noise_multiplier=2.0), releases=0)["epsilon"] == 0.0  # nothing released
-    assert privacy_report(RunConfig(), releases=1) == {
+    assert report["delta"] == 1e-6 and "sketch phase (exact mode): per-sample" in report["covers"]
+    assert privacy_report(noisy, affinity_mode(noisy), releases=0)["epsilon"] == 0.0  # nothing released
+    assert privacy_report(RunConfig(), affinity_mode(RunConfig()), releases=1) == {
         "enabled": False,
         "noise_multiplier": 0.0,
         "epsilon": None,
