@@ -38,8 +38,8 @@ from flwr.compat.common import recorddict_compat as compat
 from clients.protocol import run_config
 from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
+from elora_fed.quadratic_sums import quadratic_losses, solve_subsets_private, stack_statistics
 from elora_fed.statistics import ClientStatistics, aggregation_vector, statistics_arrays, statistics_from_arrays
-from elora_fed.subset_solver import quadratic_losses, solve_subsets_private, stack_statistics
 
 Statistics = Callable[[RecordDict, Context], tuple[str, ClientStatistics, int]]
 """(request with the run config, context) -> (client id, statistics, rows projected to compute them now: 0 if cached)."""

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from elora_fed.errors import ConfigError, DataError
+from elora_fed.quadratic_sums import PooledStatistics, SubsetSums, solve_subset_sums
 from elora_fed.statistics import ClientStatistics, client_statistics
-from elora_fed.subset_solver import PooledStatistics, SubsetEstimates, SubsetSums, solve_subset_sums, solve_subsets
+from elora_fed.subset_batches import SubsetEstimates
+from elora_fed.subset_solver import solve_subsets
 from elora_fed.task_features import TaskFeatures
 
 

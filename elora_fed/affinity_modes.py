@@ -35,8 +35,8 @@ from elora_fed.config import AFFINITY_MODES
 from elora_fed.errors import DataError
 from elora_fed.plugins import load_class
 from elora_fed.privacy import NoisedPart, released_sketch, released_statistics, row_parts, statistics_parts
+from elora_fed.quadratic_sums import SubsetSums
 from elora_fed.statistics import ClientStatistics
-from elora_fed.subset_solver import SubsetSums
 from elora_fed.task_features import task_features
 
 if TYPE_CHECKING:

@@ -28,8 +28,8 @@ Two solvers, one rounding:
 - ``round_partition``: u and v share a group when Z_uv >= c/n, resolved greedily into a
   partition (see its docstring).
 
-The number of groups is chosen by ``choose_num_groups``, and ``spectral_clustering`` is the
-baseline the SDP is compared against.
+The number of groups is chosen by ``choose_num_groups``; partitions are scored in
+``elora_fed.partitions``, and ``elora_fed.spectral`` is the baseline the SDP is compared against.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from elora_fed.errors import ConfigError, EloraFedError
+from elora_fed.partitions import average_density, canonical_labels, check_affinity, check_num_groups, excess_density
 from elora_fed.threads import single_torch_thread
 
 SDP_SOLVERS = ("SCS", "CLARABEL")
@@ -79,87 +80,6 @@ class GroupChoice:
     scores: dict[int, float]
 
 
-def _check_affinity(T: np.ndarray) -> np.ndarray:
-    """T as a float64 array, after checking that it is a finite, square, symmetric matrix."""
-    T = np.asarray(T, dtype=np.float64)
-    if T.ndim != 2 or T.shape[0] != T.shape[1] or T.shape[0] == 0:
-        raise ConfigError(f"the affinity matrix must be square and non-empty, got shape {T.shape}")
-    if not np.isfinite(T).all():
-        raise ConfigError("the affinity matrix contains NaN or infinite entries")
-    scale = max(float(np.abs(T).max()), 1e-300)
-    if not np.allclose(T, T.T, rtol=1e-6, atol=1e-9 * scale):
-        raise ConfigError("the affinity matrix must be symmetric: symmetrize it first, e.g. (T + T.T) / 2")
-    return (T + T.T) / 2
-
-
-def _check_num_groups(m: int, n: int) -> None:
-    if not 1 <= m <= n:
-        raise ConfigError(f"the number of groups m must be between 1 and the number of tasks {n}, got {m}")
-
-
-def _off_diagonal_mean(T: np.ndarray) -> float:
-    n = len(T)
-    return float((T.sum() - np.trace(T)) / (n * (n - 1))) if n > 1 else 0.0
-
-
-def canonical_labels(labels: np.ndarray) -> np.ndarray:
-    """Relabel a partition 0..m-1 in the order of each group's smallest member index."""
-    labels = np.asarray(labels)
-    _, first = np.unique(labels, return_index=True)
-    order = labels[np.sort(first)]
-    mapping = {int(label): g for g, label in enumerate(order)}
-    return np.array([mapping[int(label)] for label in labels], dtype=np.int64)
-
-
-def average_density(T: np.ndarray, labels: np.ndarray) -> float:
-    """(1/m) sum_c v_c' T v_c / |c| over the groups c of ``labels`` (diagonal of T included)."""
-    T = _check_affinity(T)
-    labels = np.asarray(labels)
-    if labels.shape != (len(T),):
-        raise ConfigError(f"labels must have one entry per task ({len(T)}), got shape {labels.shape}")
-    densities = [T[np.ix_(group, group)].sum() / group.sum() for group in (labels == g for g in np.unique(labels))]
-    return float(np.mean(densities))
-
-
-def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
-    """Hubert and Arabie's adjusted Rand index of two labelings: 1 when they are the same partition."""
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ConfigError(f"labelings must be 1-D of the same length, got shapes {a.shape} and {b.shape}")
-    _, a_index = np.unique(a, return_inverse=True)
-    _, b_index = np.unique(b, return_inverse=True)
-    table = np.zeros((a_index.max() + 1, b_index.max() + 1))
-    np.add.at(table, (a_index, b_index), 1)
-
-    def pairs(counts: np.ndarray) -> float:
-        return float((counts * (counts - 1) / 2).sum())
-
-    index, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(np.array([len(a)]))
-    if total == 0:  # fewer than two items: no pairs to disagree on
-        return 1.0
-    expected = rows * cols / total
-    maximum = (rows + cols) / 2
-    if maximum == expected:  # both partitions trivial (one group, or all singletons)
-        return 1.0
-    return (index - expected) / (maximum - expected)
-
-
-def planted_affinity(n: int, m: int, noise: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """A synthetic T with m planted groups of near-equal size, and the planted labels.
-
-    T_uv = 1 within a group, 0 across, plus symmetric Gaussian noise of standard deviation
-    ``noise``; tasks are assigned to groups in random order.
-    """
-    _check_num_groups(m, n)
-    if not noise >= 0:
-        raise ConfigError(f"noise must be a standard deviation >= 0, got {noise}")
-    rng = np.random.default_rng(seed)
-    labels = canonical_labels(rng.permutation(np.arange(n) % m))
-    noise_matrix = rng.normal(size=(n, n))
-    T = (labels[:, None] == labels[None, :]).astype(np.float64) + noise * (noise_matrix + noise_matrix.T) / np.sqrt(2)
-    return T, labels
-
-
 def sdp_relaxation(
     T: np.ndarray, m: int | None = None, trace_penalty: float | None = None, solver: str = "SCS"
 ) -> np.ndarray:
@@ -168,7 +88,7 @@ def sdp_relaxation(
     Exactly one of ``m`` and ``trace_penalty`` is given. ``solver`` is "SCS" (first-order,
     default tolerances) or "CLARABEL" (interior point: more accurate, more memory).
     """
-    T = _check_affinity(T)
+    T = check_affinity(T)
     n = len(T)
     if (m is None) == (trace_penalty is None):
         raise ConfigError("give exactly one of m (a fixed number of groups) and trace_penalty")
@@ -180,7 +100,7 @@ def sdp_relaxation(
     objective = cp.sum(cp.multiply(T, Z))
     constraints = [cp.sum(Z, axis=1) == 1, Z >= 0]
     if m is not None:
-        _check_num_groups(m, n)
+        check_num_groups(m, n)
         constraints.append(cp.trace(Z) == m)
     elif trace_penalty is not None:
         objective = objective + trace_penalty * cp.trace(Z)
@@ -230,9 +150,9 @@ def fast_relaxation(
     stationary points. ``seed`` draws the random start. Returns the full Z, so it rounds and
     scores exactly like ``sdp_relaxation``'s.
     """
-    T = _check_affinity(T)
+    T = check_affinity(T)
     n = len(T)
-    _check_num_groups(m, n)
+    check_num_groups(m, n)
     k = min(n, 2 * m + 2) if rank is None else rank
     if not m <= k <= n:
         raise ConfigError(f"rank must be between m = {m} and n = {n}, got {k}")
@@ -323,53 +243,6 @@ def round_partition(Z: np.ndarray, c: float = 1.0) -> np.ndarray:
     return canonical_labels(labels)
 
 
-def _kmeans(X: np.ndarray, m: int, rng: np.random.Generator, restarts: int = 10, iterations: int = 100) -> np.ndarray:
-    """Lloyd's k-means from k-means++ seeds; the labels of the restart with the least inertia."""
-    n = len(X)
-    best_labels, best_inertia = np.zeros(n, dtype=np.int64), np.inf
-    for _ in range(restarts):
-        centers = X[[rng.integers(n)]]
-        for _ in range(1, m):
-            distance = ((X[:, None, :] - centers[None]) ** 2).sum(-1).min(1)
-            total = distance.sum()
-            pick = rng.choice(n, p=distance / total) if total > 0 else rng.integers(n)
-            centers = np.vstack([centers, X[pick]])
-        for _ in range(iterations):
-            distance = ((X[:, None, :] - centers[None]) ** 2).sum(-1)
-            labels = distance.argmin(1)
-            # an emptied center restarts at the point farthest from its own center
-            farthest = int(distance[np.arange(n), labels].argmax())
-            updated = np.array([X[labels == g].mean(0) if (labels == g).any() else X[farthest] for g in range(m)])
-            if np.allclose(updated, centers):
-                break
-            centers = updated
-        inertia = float(distance[np.arange(n), labels].sum())
-        if inertia < best_inertia:
-            best_labels, best_inertia = labels, inertia
-    return best_labels
-
-
-def spectral_clustering(T: np.ndarray, m: int, seed: int = 0) -> np.ndarray:
-    """Baseline: normalized spectral clustering (Ng, Jordan and Weiss) on a nonnegative version of T.
-
-    The similarity is W = max(T - mu, 0) off the diagonal, mu = T's mean off-diagonal entry:
-    only pairs that help each other more than a typical pair are linked (a constant shift of
-    T would otherwise link everything). The m leading eigenvectors of D^-1/2 W D^-1/2 (the
-    smallest of the normalized Laplacian), rows normalized to unit length, go to k-means with
-    10 k-means++ restarts. Labels are ordered by smallest member index.
-    """
-    T = _check_affinity(T)
-    n = len(T)
-    _check_num_groups(m, n)
-    W = np.maximum(T - _off_diagonal_mean(T), 0.0)
-    np.fill_diagonal(W, 0.0)
-    inv_sqrt_degree = 1 / np.sqrt(np.maximum(W.sum(1), 1e-12))
-    _, vectors = np.linalg.eigh(inv_sqrt_degree[:, None] * W * inv_sqrt_degree[None, :])
-    X = vectors[:, -m:]
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    return canonical_labels(_kmeans(X, m, np.random.default_rng(seed)))
-
-
 def cluster(
     T: np.ndarray,
     m: int | None = None,
@@ -391,7 +264,7 @@ def cluster(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown clustering method {method!r}: use one of {', '.join(METHODS)}")
-    T = _check_affinity(T)
+    T = check_affinity(T)
     if method == "fast" and trace_penalty is not None:
         raise ConfigError("the fast solver needs a fixed m; a trace_penalty needs method='sdp'")
     if m is not None and trace_penalty is not None:
@@ -415,19 +288,6 @@ def cluster(
         seconds=time.perf_counter() - start,
         solver="fast" if method == "fast" else solver,
     )
-
-
-def excess_density(T: np.ndarray, labels: np.ndarray) -> float:
-    """Average within-cluster density minus its expectation for random groups of the same sizes.
-
-    A random group of size s has expected density tr(T)/n + (s - 1) mu, mu = T's mean
-    off-diagonal entry. Both trivial partitions (one group; all singletons) score exactly 0.
-    """
-    T = _check_affinity(T)
-    labels = np.asarray(labels)
-    sizes = np.array([(labels == g).sum() for g in np.unique(labels)])
-    expected = np.trace(T) / len(T) + (sizes - 1) * _off_diagonal_mean(T)
-    return average_density(T, labels) - float(expected.mean())
 
 
 def choose_num_groups(
@@ -457,13 +317,13 @@ def choose_num_groups(
     rounded partition may have another number of groups than the candidate: the chosen
     ``clustering.m`` is the number of groups actually found.
     """
-    T = _check_affinity(T)
+    T = check_affinity(T)
     n = len(T)
     candidates = list(range(min(2, n), min(n, 20) + 1)) if candidates is None else sorted(set(candidates))
     if not candidates:
         raise ConfigError(f"no candidate number of groups: n = {n} tasks need candidates between 1 and n")
     for m in candidates:
-        _check_num_groups(m, n)
+        check_num_groups(m, n)
     scores: dict[int, float] = {}
     clusterings: dict[int, Clustering] = {}
     for m in candidates:

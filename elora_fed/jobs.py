@@ -24,7 +24,7 @@ from rich.table import Table
 from elora_fed.adapters import attach_lora
 from elora_fed.affinity_modes import affinity_mode
 from elora_fed.client_sketch import load_sketches, sketch_client, sketch_setup
-from elora_fed.clustering import cluster, spectral_clustering
+from elora_fed.clustering import cluster
 from elora_fed.compute import compute_context
 from elora_fed.config import ModelConfig, RunConfig
 from elora_fed.evaluation import mean_token_loss
@@ -32,6 +32,7 @@ from elora_fed.federated_data import load_clients, load_lm_clients
 from elora_fed.models import TINY_MODEL, load_base_model, load_tokenizer
 from elora_fed.plots import affinity_heatmap
 from elora_fed.run_dir import create_run_dir, write_json
+from elora_fed.spectral import spectral_clustering
 from elora_fed.splits import SPLITS
 
 

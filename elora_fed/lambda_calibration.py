@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from elora_fed.errors import ConfigError
+from elora_fed.quadratic_sums import solve_subsets_private
 from elora_fed.statistics import client_statistics
-from elora_fed.subset_solver import solve_subsets, solve_subsets_private
+from elora_fed.subset_solver import solve_subsets
 
 if TYPE_CHECKING:
     from elora_fed.task_features import TaskFeatures

@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from elora_fed.affinity import offset_variance_share, remove_offsets
-from elora_fed.clustering import adjusted_rand_index, canonical_labels, cluster
+from elora_fed.clustering import cluster
+from elora_fed.partitions import adjusted_rand_index, canonical_labels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -44,16 +44,9 @@ import numpy as np
 import scs
 import torch
 
-from elora_fed.clustering import (
-    adjusted_rand_index,
-    average_density,
-    choose_num_groups,
-    fast_relaxation,
-    planted_affinity,
-    round_partition,
-    sdp_relaxation,
-    spectral_clustering,
-)
+from elora_fed.clustering import choose_num_groups, fast_relaxation, round_partition, sdp_relaxation
+from elora_fed.partitions import adjusted_rand_index, average_density, planted_affinity
+from elora_fed.spectral import spectral_clustering
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -26,9 +26,9 @@ from elora_fed.client_sketch import ClientSketch
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.privacy import NoisedPart
+from elora_fed.quadratic_sums import SubsetSums
 from elora_fed.splits import SPLITS
 from elora_fed.statistics import ClientStatistics
-from elora_fed.subset_solver import SubsetSums
 from elora_fed.task_features import task_features
 
 

@@ -24,9 +24,10 @@ from scipy.stats import spearmanr
 
 from elora_fed.affinity import affinity_from_features, gradient_cosine_affinity
 from elora_fed.client_sketch import load_sketches
-from elora_fed.clustering import adjusted_rand_index, cluster
+from elora_fed.clustering import cluster
 from elora_fed.config import load_config
 from elora_fed.jobs import run_sketch
+from elora_fed.partitions import adjusted_rand_index
 from elora_fed.task_features import task_features
 
 RESULTS = Path(__file__).parent / "results"

@@ -31,8 +31,10 @@ import numpy as np
 import torch
 
 from elora_fed.affinity import sample_subsets
+from elora_fed.quadratic_sums import solve_subsets_private
 from elora_fed.statistics import ClientStatistics, client_statistics
-from elora_fed.subset_solver import SubsetEstimates, solve_subsets, solve_subsets_private
+from elora_fed.subset_batches import SubsetEstimates
+from elora_fed.subset_solver import solve_subsets
 from elora_fed.task_features import TaskFeatures
 
 RESULTS = Path(__file__).parent / "results"

@@ -22,12 +22,14 @@ import numpy as np
 from elora_fed.affinity import remove_offsets
 from elora_fed.affinity_modes import Collected, affinity_mode
 from elora_fed.client_sketch import ClientSketch, load_sketches
-from elora_fed.clustering import canonical_labels, cluster, spectral_clustering
+from elora_fed.clustering import cluster
 from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
+from elora_fed.partitions import canonical_labels
 from elora_fed.plots import affinity_heatmap
 from elora_fed.plugins import load_class
 from elora_fed.run_dir import write_json
+from elora_fed.spectral import spectral_clustering
 from elora_fed.statistics import ClientStatistics, load_statistics
 from strategies.federation import Federation
 from strategies.messaging import console

@@ -69,8 +69,9 @@ from flwr.serverapp import Grid
 
 from clients.protocol import run_record
 from elora_fed.errors import DataError
+from elora_fed.quadratic_sums import SubsetSums, stack_statistics
 from elora_fed.statistics import SplitStatistics, statistics_from_aggregate
-from elora_fed.subset_solver import SubsetEstimates, SubsetSums, stack_statistics
+from elora_fed.subset_batches import SubsetEstimates
 from strategies.federation import Federation, GroupGrid
 from strategies.messaging import Exchange, console, content_bytes
 

@@ -6,19 +6,21 @@ from hypothesis.extra.numpy import arrays
 
 from elora_fed.clustering import (
     GroupChoice,
+    choose_num_groups,
+    cluster,
+    fast_relaxation,
+    round_partition,
+    sdp_relaxation,
+)
+from elora_fed.errors import ConfigError
+from elora_fed.partitions import (
     adjusted_rand_index,
     average_density,
     canonical_labels,
-    choose_num_groups,
-    cluster,
     excess_density,
-    fast_relaxation,
     planted_affinity,
-    round_partition,
-    sdp_relaxation,
-    spectral_clustering,
 )
-from elora_fed.errors import ConfigError
+from elora_fed.spectral import spectral_clustering
 
 
 def partition_matrix(labels: np.ndarray) -> np.ndarray:

@@ -33,8 +33,8 @@ from elora_fed.privacy import (
     released_statistics,
     symmetric_noise,
 )
+from elora_fed.quadratic_sums import solve_subsets_private
 from elora_fed.statistics import client_statistics
-from elora_fed.subset_solver import solve_subsets_private
 from elora_fed.task_features import task_features
 
 META = SketchMetadata("tiny-random", "fp32", 4, "q_proj,v_proj", 0, "rademacher", 0, 8, 10, "lm")
