@@ -37,6 +37,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import cvxpy as cp
 import numpy as np
@@ -44,7 +45,11 @@ import torch
 
 from elora_fed.errors import ConfigError, EloraFedError
 from elora_fed.partitions import average_density, canonical_labels, check_affinity, check_num_groups, excess_density
+from elora_fed.spectral import spectral_clustering
 from elora_fed.threads import single_torch_thread
+
+if TYPE_CHECKING:
+    from elora_fed.config import ClusteringConfig
 
 SDP_SOLVERS = ("SCS", "CLARABEL")
 METHODS = ("fast", "sdp")
@@ -331,3 +336,24 @@ def choose_num_groups(
         scores[m] = excess_density(T, clusterings[m].labels)
     best = max(candidates, key=lambda m: (scores[m], -m))  # ties: the smallest m
     return GroupChoice(clustering=clusterings[best], scores=scores)
+
+
+def cluster_clients(T: np.ndarray, config: ClusteringConfig, seed: int) -> np.ndarray:
+    """Group labels for ``clustering.*``: the SDP clustering (or the spectral baseline), m capped at n.
+
+    One client (or none) is one group; ``num_groups = 0`` chooses m (``choose_num_groups``).
+    """
+    n = len(T)
+    if n < 2:
+        return np.zeros(n, dtype=np.int64)
+    if config.method == "spectral":
+        return spectral_clustering(T, min(config.num_groups, n), seed=seed)
+    m = min(config.num_groups, n) or None
+    return cluster(T, m, method=config.method, solver=config.solver, seed=seed).labels
+
+
+def groups_record(client_ids: Sequence[str], labels: np.ndarray) -> dict[str, list[Any]]:
+    """``groups.json``'s common part: the clients, their labels, and each group's members in client order."""
+    labels = np.asarray(labels)
+    groups = [[client_ids[int(i)] for i in np.flatnonzero(labels == g)] for g in np.unique(labels)]
+    return {"clients": list(client_ids), "labels": labels.tolist(), "groups": groups}

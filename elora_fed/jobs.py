@@ -24,15 +24,15 @@ from rich.table import Table
 from elora_fed.adapters import attach_lora
 from elora_fed.affinity_modes import affinity_mode
 from elora_fed.client_sketch import load_sketches, sketch_client, sketch_setup
-from elora_fed.clustering import cluster
+from elora_fed.clustering import cluster_clients, groups_record
 from elora_fed.compute import compute_context
 from elora_fed.config import ModelConfig, RunConfig
 from elora_fed.evaluation import mean_token_loss
 from elora_fed.federated_data import load_clients, load_lm_clients
 from elora_fed.models import TINY_MODEL, load_base_model, load_tokenizer
+from elora_fed.partitions import average_density
 from elora_fed.plots import affinity_heatmap
 from elora_fed.run_dir import create_run_dir, write_json
-from elora_fed.spectral import spectral_clustering
 from elora_fed.splits import SPLITS
 
 
@@ -162,21 +162,15 @@ def run_affinity(config: RunConfig, sketches: Path) -> dict[str, Any]:
     affinity_s = time.perf_counter() - start
     console.log(f"affinity of {len(ids)} clients ({af.mode}) in {affinity_s:.1f} s")
     start = time.perf_counter()
-    if cl.method == "spectral":
-        labels, objective = spectral_clustering(affinity, cl.num_groups, seed=config.seed), None
-    else:
-        grouping = cluster(affinity, cl.num_groups or None, method=cl.method, solver=cl.solver, seed=config.seed)
-        labels, objective = grouping.labels, grouping.objective
+    labels = cluster_clients(affinity, cl, config.seed)
     clustering_s = time.perf_counter() - start
-    groups = [[ids[i] for i in np.flatnonzero(labels == g)] for g in range(int(labels.max()) + 1)]
     np.save(run / "affinity.npy", affinity)
     affinity_heatmap(affinity, labels, ids, run / "affinity.png")
+    groups = groups_record(ids, labels)
     summary = {
-        "clients": ids,
-        "labels": labels.tolist(),
-        "groups": groups,
-        "num_groups": len(groups),
-        "average_density": objective,
+        **groups,
+        "num_groups": len(groups["groups"]),
+        "average_density": average_density(affinity, labels),
         "affinity_mode": af.mode,
         "lam": af.lam,
         "clustering_method": cl.method,
@@ -186,5 +180,5 @@ def run_affinity(config: RunConfig, sketches: Path) -> dict[str, Any]:
         },
     }
     write_json(run / "groups.json", summary)
-    console.print(f"{len(groups)} groups of sizes {[len(g) for g in groups]}; written to {run}")
+    console.print(f"{summary['num_groups']} groups of sizes {[len(g) for g in groups['groups']]}; written to {run}")
     return summary

@@ -22,14 +22,13 @@ import numpy as np
 from elora_fed.affinity import remove_offsets
 from elora_fed.affinity_modes import Collected, affinity_mode
 from elora_fed.client_sketch import ClientSketch, load_sketches
-from elora_fed.clustering import cluster
+from elora_fed.clustering import cluster_clients, groups_record
 from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
 from elora_fed.partitions import canonical_labels
 from elora_fed.plots import affinity_heatmap
 from elora_fed.plugins import load_class
 from elora_fed.run_dir import write_json
-from elora_fed.spectral import spectral_clustering
 from elora_fed.statistics import ClientStatistics, load_statistics
 from strategies.federation import Federation
 from strategies.messaging import console
@@ -65,13 +64,7 @@ class SDPClustering:
         self.seed = config.seed
 
     def group(self, affinity: np.ndarray, client_ids: Sequence[str]) -> np.ndarray:
-        cl = self.config
-        if len(client_ids) < 2:
-            return np.zeros(len(client_ids), dtype=int)
-        if cl.method == "spectral":
-            return spectral_clustering(affinity, cl.num_groups, seed=self.seed)
-        m = min(cl.num_groups, len(client_ids)) or None
-        return cluster(affinity, m, method=cl.method, solver=cl.solver, seed=self.seed).labels
+        return cluster_clients(affinity, self.config, self.seed)
 
 
 class GroupingPhase:
@@ -99,15 +92,7 @@ class GroupingPhase:
             labels = np.concatenate([labels, np.full(len(without_sketch), largest)])
         run.info.update(labels=labels.tolist(), client_ids=ids)
         groups = run.groups()
-        write_json(
-            run.dir / "groups.json",
-            {
-                "clients": ids,
-                "labels": labels.tolist(),
-                "groups": [groups[g] for g in sorted(groups)],
-                "without_sketch": without_sketch,
-            },
-        )
+        write_json(run.dir / "groups.json", {**groups_record(ids, labels), "without_sketch": without_sketch})
         sizes = [len(groups[g]) for g in sorted(groups)]
         run.log({"phase": "groups", "num_groups": len(groups), "sizes": sizes})
         console.log(f"{len(groups)} groups of sizes {sizes}")
