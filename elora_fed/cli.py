@@ -166,9 +166,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from strategies.simulation import resume_config, simulate
+    from elora_fed.run_dir import saved_config
+    from strategies.simulation import simulate
 
-    config = resume_config(args.resume) if args.resume else _config(args)
+    config = saved_config(args.resume) if args.resume else _config(args)
     if args.ray_address:
         config = RunConfig.from_flat({"federation.ray_address": args.ray_address}, base=config)
     simulate(config)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from elora_fed.config import RunConfig
-from elora_fed.errors import DataError
+from elora_fed.errors import ConfigError, DataError
 
 
 def create_run_dir(config: RunConfig, job: str) -> Path:
@@ -24,6 +24,14 @@ def create_run_dir(config: RunConfig, job: str) -> Path:
     path.mkdir(parents=True)
     write_json(path / "config.json", config.to_flat())
     return path
+
+
+def saved_config(run_dir: Path) -> RunConfig:
+    """The config a run directory was started with, set to resume it (ConfigError if it is not a run directory)."""
+    saved = Path(run_dir) / "config.json"
+    if not saved.exists():
+        raise ConfigError(f"resume = {str(run_dir)!r} is not a run directory: it has no config.json")
+    return RunConfig.from_flat({**json.loads(saved.read_text()), "resume": str(run_dir)})
 
 
 def write_json(path: Path, payload: Any) -> None:

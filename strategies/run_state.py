@@ -6,7 +6,6 @@ their own results back, so a run killed at any checkpoint resumes from its direc
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Mapping
@@ -16,8 +15,7 @@ from typing import Any
 from elora_fed.checkpoint import Checkpoint, Snapshot, group_ensembles
 from elora_fed.config import RunConfig
 from elora_fed.ensemble import GroupAdapters
-from elora_fed.errors import ConfigError
-from elora_fed.run_dir import create_run_dir
+from elora_fed.run_dir import create_run_dir, saved_config
 from strategies.messaging import console
 
 
@@ -27,11 +25,7 @@ class RunState:
     def __init__(self, config: RunConfig) -> None:
         if config.resume:
             self.dir = Path(config.resume)
-            saved = self.dir / "config.json"
-            if not saved.exists():
-                raise ConfigError(f"resume = {config.resume!r} is not a run directory: it has no config.json")
-            # The saved config is the run's config; only `resume` itself comes from this launch.
-            self.config = dataclasses.replace(RunConfig.from_flat(json.loads(saved.read_text())), resume=config.resume)
+            self.config = saved_config(self.dir)  # the run's own config; only `resume` comes from this launch
         else:
             self.config = config
             self.dir = create_run_dir(config, "pipeline")

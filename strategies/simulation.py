@@ -8,7 +8,6 @@ to a running Ray cluster (``ray start --head``) instead of starting a local one.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -19,18 +18,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from elora_fed.config import RunConfig
-from elora_fed.errors import ConfigError, EloraFedError
+from elora_fed.errors import EloraFedError
 from elora_fed.plugins import load_class
 from strategies.messaging import error_gist
 from strategies.pipeline import count_clients, run_pipeline
-
-
-def resume_config(run_dir: Path) -> RunConfig:
-    """The saved config of the run in ``run_dir``, set to resume it."""
-    saved = run_dir / "config.json"
-    if not saved.exists():
-        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.json)")
-    return RunConfig.from_flat({**json.loads(saved.read_text()), "resume": str(run_dir)})
 
 
 class _OneLineClientErrors(logging.Filter):

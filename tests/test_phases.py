@@ -191,3 +191,9 @@ def test_a_users_affinity_mode_releases_its_own_data_and_matches_the_baseline_it
         run_pipeline(
             InProcessGrid(4), RunConfig.from_flat({**settings, "affinity.mode": mode, "privacy.noise_multiplier": 1.0})
         )
+
+
+def test_resuming_a_directory_that_is_not_a_run_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="is not a run directory: it has no config.json"):
+        run_pipeline(InProcessGrid(4), RunConfig.from_flat({"resume": str(tmp_path)}))
+    assert list(tmp_path.iterdir()) == []  # nothing written into it
