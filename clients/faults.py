@@ -10,13 +10,12 @@ Node discovery carries no such record and never fails.
 
 from __future__ import annotations
 
-import hashlib
-
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from clients.protocol import number, run_config
 from elora_fed.errors import EloraFedError
+from elora_fed.seeds import derive_seed
 
 
 class SimulatedDropout(EloraFedError):
@@ -27,10 +26,9 @@ def dropped(seed: int, label: str, attempt: int, partition: int, rate: float) ->
     """Whether the client at ``partition`` drops out of this attempt of exchange ``label``."""
     if rate <= 0:
         return False
-    # sha256, not crc32: crc32 is affine, so draws for keys that differ in one character
-    # (attempt 0 and 1) would be correlated and a retry would fail far more often than p.
-    digest = hashlib.sha256(f"{seed}:{label}:{attempt}:{partition}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+    # sha256 (derive_seed), not crc32: draws for attempt 0 and 1 must not correlate, or a
+    # retry would fail far more often than p.
+    return derive_seed(seed, label, attempt, partition, bits=64) / 2**64 < rate
 
 
 def simulated_dropout(message: Message, context: Context, call_next: ClientAppCallable) -> Message:

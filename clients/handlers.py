@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -55,6 +54,7 @@ from elora_fed.ensemble import (
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
+from elora_fed.seeds import derive_seed
 from elora_fed.sketch import gradient_dim, sketch_batches
 from elora_fed.statistics import ClientStatistics
 from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
@@ -269,7 +269,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
             (group,) = ensemble_from(content).values()
             objective = boost_objective(*_boost_targets(node, batches, group))
         load_adapter_state(node.model, content.array_records["arrays"].to_torch_state_dict())
-        seed = zlib.crc32(f"{options.get('seed', '')!s}:{node.client.client_id}".encode())
+        seed = derive_seed(options.get("seed", ""), node.client.client_id)
         losses = train_adapter(
             node.model,
             batches,
@@ -354,7 +354,7 @@ def _finetuned(node: Node, group: GroupAdapters, steps: int) -> GroupAdapters:
         raise DataError("local fine-tuning (finetune-steps) applies to a plain group adapter, not a boosted one")
     tc = node.config.train
     load_adapter_state(node.model, group.base)
-    seed = zlib.crc32(f"{node.config.seed}:finetune:{node.client.client_id}".encode())
+    seed = derive_seed(node.config.seed, "finetune", node.client.client_id)
     train_adapter(node.model, node.batches("train", tc.batch_size), steps, tc.lr, seed, target_log_loss)
     return GroupAdapters(adapter_state(node.model))
 

@@ -49,7 +49,6 @@ noise from the OS's entropy (a rerun is then a second release: two releases, mu 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,6 +60,7 @@ from scipy.special import log_ndtr
 
 from elora_fed.client_sketch import ClientSketch
 from elora_fed.config import PrivacyConfig, RunConfig
+from elora_fed.seeds import derive_seed
 from elora_fed.statistics import ClientStatistics, SplitStatistics, client_statistics, split_statistics
 from elora_fed.task_features import task_features
 
@@ -89,8 +89,7 @@ def noise_generator(config: RunConfig, client_id: str) -> np.random.Generator:
     """The client's noise source: seeded by (run seed, client id), or OS entropy if not ``reproducible``."""
     if not config.privacy.reproducible:
         return np.random.default_rng()
-    digest = hashlib.sha256(f"{config.seed}:privacy:{client_id}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+    return np.random.default_rng(derive_seed(config.seed, "privacy", client_id, bits=128))
 
 
 def noisy_sketch(sketch: ClientSketch, privacy: PrivacyConfig, rng: np.random.Generator) -> ClientSketch:

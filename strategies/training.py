@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import random
-import zlib
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from elora_fed.ensemble import AdapterState, GroupAdapters
 from elora_fed.errors import ConfigError
 from elora_fed.plugins import load_class
 from elora_fed.run_dir import adapter_dir, adapter_name
+from elora_fed.seeds import derive_seed
 from strategies.evaluation import client_mean, evaluate
 from strategies.federation import Federation, GroupGrid
 from strategies.messaging import console, exchange_metrics
@@ -90,7 +90,7 @@ class GroupTraining:
             messages: list[Message] = []
             proximal_mu: dict[str, float] = {}  # what FedProx-style strategies told the clients
             for g, members in groups.items():
-                random.seed(zlib.crc32(f"{config.seed}:{self.label}:{g}:{rnd}".encode()))
+                random.seed(derive_seed(config.seed, self.label, g, rnd))
                 view = GroupGrid(self.fed.grid, [self.fed.node_of[c] for c in sorted(members)])
                 options = ConfigRecord(
                     {
