@@ -12,19 +12,14 @@ rebuilding anything.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from functools import lru_cache
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import transformers
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
-from transformers import PreTrainedTokenizerBase
 
+from clients.node import Node, Samples, adapted_model, cached_tokenizer, client_for, measured, node_for
 from clients.protocol import MODEL_SIZE_KEYS, Metrics, number, run_config
 from clients.records import ensemble_from, release_to_record
 from clients.secure import (
@@ -32,16 +27,12 @@ from clients.secure import (
     secure_statistics_content,
     surrogate_losses_content,
 )
-from elora_fed.accounting import TokenCounter, base_parameter_count
-from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.accounting import base_parameter_count
+from elora_fed.adapters import adapter_state, load_adapter_state
 from elora_fed.affinity_modes import affinity_mode
-from elora_fed.batches import Batch, client_batches
-from elora_fed.classification import ClassificationSamples
+from elora_fed.batches import Batch
 from elora_fed.client_sketch import ClientSketch, sketch_client, sketch_setup
-from elora_fed.compute import compute_context
-from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
 from elora_fed.ensemble import (
-    AdapterState,
     GroupAdapters,
     adapter_outputs,
     combine,
@@ -52,7 +43,6 @@ from elora_fed.ensemble import (
     ridge_statistics,
 )
 from elora_fed.errors import DataError
-from elora_fed.federated_data import load_clients
 from elora_fed.lm_samples import ClientSamples
 from elora_fed.seeds import derive_seed
 from elora_fed.sketch import gradient_dim, sketch_batches
@@ -61,114 +51,6 @@ from elora_fed.training import Objective, boost_objective, target_log_loss, trai
 
 transformers.utils.logging.disable_progress_bar()  # one bar per worker process and message is noise
 transformers.utils.logging.set_verbosity_error()
-
-Samples = ClientSamples | ClassificationSamples
-
-
-_LOADING = [0.0]  # seconds this process has spent filling its caches (tokenizer, clients, base model)
-
-
-@contextlib.contextmanager
-def _loading() -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        _LOADING[0] += time.perf_counter() - start
-
-
-@lru_cache(maxsize=1)
-def _tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
-    from elora_fed.models import load_tokenizer
-
-    with _loading():
-        return load_tokenizer(model)
-
-
-@lru_cache(maxsize=2)
-def _clients(model: ModelConfig, data: DataConfig) -> list[ClientSamples] | list[ClassificationSamples]:
-    tokenizer = _tokenizer(model)
-    with _loading():
-        return load_clients(data, tokenizer)
-
-
-_COUNTER = TokenCounter()  # counts every forward and backward pass of this process's model
-
-
-@lru_cache(maxsize=1)
-def _adapted_model(model: ModelConfig, adapter: AdapterConfig) -> tuple[torch.nn.Module, AdapterState]:
-    """The base model with its seeded adapter, loaded once per process, and theta*."""
-    from elora_fed.models import load_base_model
-
-    with _loading():
-        peft_model = attach_lora(load_base_model(model), adapter)
-    _COUNTER.attach(peft_model)
-    return peft_model, adapter_state(peft_model)
-
-
-def measured(handler: Callable[[RecordDict, Context], RecordDict]) -> Callable[[RecordDict, Context], RecordDict]:
-    """Add to a handler's reply, in its MetricRecord ``metrics``, what the handler cost.
-
-    ``compute-s`` (wall seconds inside the handler) and the ``elora_fed.accounting.Usage``
-    entries: token positions forward and backward, projected rows (set by the handler as
-    ``projected-rows``), and the process's peak RSS and CUDA memory. ``load-s`` is the part
-    of ``compute-s`` spent filling this process's caches (nonzero on a process's first
-    message: in deployment without a model holder, on every message), and ``model-loads``
-    the number of times this process has loaded the base model.
-    """
-
-    @functools.wraps(handler)
-    def wrapper(content: RecordDict, context: Context) -> RecordDict:
-        start, loading = time.perf_counter(), _LOADING[0]
-        with _COUNTER.measure() as usage:
-            reply = handler(content, context)
-        metrics: Metrics = dict(reply.metric_records.get("metrics", MetricRecord()))
-        usage.projected_rows = int(number(MetricRecord(metrics), "projected-rows", 0))
-        metrics.update(usage.metrics())
-        metrics["compute-s"] = time.perf_counter() - start
-        metrics["load-s"] = _LOADING[0] - loading
-        metrics["model-loads"] = _adapted_model.cache_info().misses
-        reply["metrics"] = MetricRecord(metrics)
-        return reply
-
-    return wrapper
-
-
-@dataclass(frozen=True)
-class Node:
-    """What a handler works with: the run config, this node's client and the shared model.
-
-    Handlers run every model pass inside ``compute()``: the run's compute dtype.
-    """
-
-    config: RunConfig
-    client: Samples
-    model: torch.nn.Module
-    theta_star: AdapterState
-
-    def compute(self) -> contextlib.AbstractContextManager[object]:
-        return compute_context(self.config.model)
-
-    def batches(self, split: str, batch_size: int | None = None) -> list[Batch]:
-        size = batch_size or self.config.sketch.batch_size
-        pad = _tokenizer(self.config.model).pad_token_id
-        return [b for _, b in client_batches(self.client, split, size, pad)]
-
-
-def client_for(config: RunConfig, context: Context) -> Samples:
-    """This node's client: the one at index ``partition-id`` of the sorted client list."""
-    clients = _clients(config.model, config.data)
-    partition = int(context.node_config["partition-id"])
-    if not 0 <= partition < len(clients):
-        raise DataError(f"partition-id {partition} is out of range: this run has {len(clients)} clients")
-    return clients[partition]
-
-
-def node_for(content: RecordDict, context: Context) -> Node:
-    config = run_config(content)
-    client = client_for(config, context)
-    model, theta_star = _adapted_model(config.model, config.adapter)
-    return Node(config, client, model, theta_star)
 
 
 @measured
@@ -183,7 +65,7 @@ def stats_content(content: RecordDict, context: Context) -> RecordDict:
     )
     options = content.config_records.get("options")
     if options is not None and bool(options.get("with-theta-star", False)):
-        model, theta_star = _adapted_model(config.model, config.adapter)
+        model, theta_star = adapted_model(config.model, config.adapter)
         reply["theta-star"] = ArrayRecord(theta_star)
         sizes = (base_parameter_count(model), sum(t.numel() for t in theta_star.values()), gradient_dim(model))
         reply["model-size"] = MetricRecord(dict(zip(MODEL_SIZE_KEYS, sizes, strict=True)))
@@ -217,7 +99,7 @@ def _sketch(node: Node) -> ClientSketch:
     load_adapter_state(node.model, node.theta_star)
     projector, metadata = sketch_setup(node.model, node.config)
     sk = node.config.sketch
-    pad = _tokenizer(node.config.model).pad_token_id
+    pad = cached_tokenizer(node.config.model).pad_token_id
     with node.compute():
         return sketch_client(
             node.model, node.client, projector, metadata, sk.batch_size, sk.buffer_mb, pad_token_id=pad

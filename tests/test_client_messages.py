@@ -8,6 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients import handlers as client_app
+from clients import node as client_node
 from clients.protocol import run_config, run_record
 from clients.records import ensemble_from, ensemble_records, sketch_from_record, sketch_to_record
 from elora_fed.adapters import attach_lora
@@ -47,7 +48,7 @@ def theta_star():
 
 
 def test_sketch_query_replies_with_this_clients_sketch_and_reuses_the_model():
-    client_app._adapted_model.cache_clear()
+    client_node.adapted_model.cache_clear()
     decoded = [sketch_from_record(client_app.sketch_content(request(), context(1))) for _ in range(2)]
     expected_client = load_clients(CONFIG.data, load_tokenizer(CONFIG.model))[1]
     assert decoded[0].client_id == expected_client.client_id
@@ -57,7 +58,7 @@ def test_sketch_query_replies_with_this_clients_sketch_and_reuses_the_model():
     for sketch in decoded:
         np.testing.assert_allclose(sketch.features, expected.features, rtol=1e-4, atol=1e-6)
         np.testing.assert_array_equal(sketch.sample_index, expected.sample_index)
-    assert client_app._adapted_model.cache_info().misses == 1  # the base model was loaded once
+    assert client_node.adapted_model.cache_info().misses == 1  # the base model was loaded once
 
 
 @pytest.mark.e2e

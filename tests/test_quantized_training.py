@@ -14,6 +14,7 @@ from bitsandbytes.functional import has_avx512bf16
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from clients import handlers as client_app
+from clients import node as client_node
 from clients.protocol import run_record
 from clients.records import ensemble_records
 from elora_fed.adapters import attach_lora
@@ -74,7 +75,7 @@ def test_the_client_apps_cached_nf4_model_trains_after_it_evaluated():
     def request(**records) -> RecordDict:
         return RecordDict({"run": run_record(config), **records})
 
-    client_app._adapted_model.cache_clear()
+    client_node.adapted_model.cache_clear()
     stats = client_app.stats_content(request(options=ConfigRecord({"with-theta-star": True})), context)
     start = stats.array_records["theta-star"].to_torch_state_dict()
     evaluate = ConfigRecord({"split": "validation", "groups": ["0"], "weights": [1.0]})
@@ -90,8 +91,8 @@ def test_the_client_apps_cached_nf4_model_trains_after_it_evaluated():
         request(config=evaluate, **ensemble_records({0: GroupAdapters(update)})), context
     )
     assert after.metric_records["metrics"]["loss"] != before.metric_records["metrics"]["loss"]
-    assert client_app._adapted_model.cache_info().misses == 1  # one model, evaluated then trained
-    client_app._adapted_model.cache_clear()
+    assert client_node.adapted_model.cache_info().misses == 1  # one model, evaluated then trained
+    client_node.adapted_model.cache_clear()
 
 
 def _no_gradient_through_4bit_layers(model: torch.nn.Module, how: str) -> None:
