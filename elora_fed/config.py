@@ -208,7 +208,9 @@ class ClusteringConfig(Section):
 
     ``method``: ``fast`` (low-rank Burer-Monteiro relaxation), ``sdp`` (cvxpy, with
     ``solver`` SCS or CLARABEL) or ``spectral`` (the baseline). ``num_groups = 0`` chooses
-    m automatically by average within-cluster density (not with ``spectral``).
+    m automatically by excess density: the average within-cluster density above what random
+    groups of the same sizes score (``elora_fed.clustering.choose_num_groups``; not with
+    ``spectral``).
     """
 
     method: str = "fast"
@@ -374,7 +376,7 @@ class StrategiesConfig(Section):
     weights: str = "strategies.evaluation:WeightsPhase"
     test: str = "strategies.evaluation:FinalTestPhase"
     affinity: str = "strategies.grouping:SurrogateAffinity"
-    clustering: str = "strategies.grouping:SDPClustering"
+    clustering: str = "strategies.grouping:AffinityClustering"
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -6,7 +6,7 @@ Both steps are replaceable by dotted path (``strategies.affinity``, ``strategies
   in client order (sketches or statistics, as the ``affinity.mode`` releases; a
   ``SubsetSums`` in a secure mode); ``SurrogateAffinity``, the mode's own estimate, is the default;
 - a clustering: ``Class(config)`` with ``group(affinity, client_ids) -> labels`` (n ints,
-  groups numbered from 0; ``SDPClustering`` is the default). A clustering with
+  groups numbered from 0; ``AffinityClustering`` is the default). A clustering with
   ``needs_affinity = False`` gets ``None`` and the sketch phase is skipped.
 
 Clients without a sketch (they failed the sketch phase) join the largest group, the adapter
@@ -56,8 +56,9 @@ class SurrogateAffinity:
         return remove_offsets(affinity) if self.config.offsets == "remove" and n >= 3 else affinity
 
 
-class SDPClustering:
-    """Groups maximizing average within-group affinity (``clustering.*``)."""
+class AffinityClustering:
+    """Groups maximizing average within-group affinity (``clustering.*``): the SDP relaxation, solved
+    in low rank (Burer-Monteiro, ``method = "fast"``) by default or exactly by cvxpy, or the spectral baseline."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config.clustering
