@@ -43,7 +43,7 @@ from elora_fed.ensemble import (
     ridge_statistics,
 )
 from elora_fed.errors import DataError
-from elora_fed.lm_samples import ClientSamples
+from elora_fed.lm_samples import LMSamples
 from elora_fed.seeds import derive_seed
 from elora_fed.sketch import gradient_dim, sketch_batches
 from elora_fed.statistics import ClientStatistics
@@ -274,7 +274,7 @@ def boost_content(content: RecordDict, context: Context) -> RecordDict:
 
 
 def _count(client: Samples, split: str) -> int:
-    if isinstance(client, ClientSamples):
+    if isinstance(client, LMSamples):
         return len(client.splits[split])
     return len(client.splits[split].labels)
 

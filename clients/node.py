@@ -31,9 +31,9 @@ from elora_fed.ensemble import (
 )
 from elora_fed.errors import DataError
 from elora_fed.federated_data import load_clients
-from elora_fed.lm_samples import ClientSamples
+from elora_fed.lm_samples import LMSamples
 
-Samples = ClientSamples | ClassificationSamples
+Samples = LMSamples | ClassificationSamples
 
 
 _LOADING = [0.0]  # seconds this process has spent filling its caches (tokenizer, clients, base model)
@@ -57,7 +57,7 @@ def cached_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 @lru_cache(maxsize=2)
-def _clients(model: ModelConfig, data: DataConfig) -> list[ClientSamples] | list[ClassificationSamples]:
+def _clients(model: ModelConfig, data: DataConfig) -> list[LMSamples] | list[ClassificationSamples]:
     tokenizer = cached_tokenizer(model)
     with _loading():
         return load_clients(data, tokenizer)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from elora_fed.classification import ClassificationSamples
-from elora_fed.lm_samples import ClientSamples
+from elora_fed.lm_samples import LMSamples
 from elora_fed.log_odds import all_log_odds, label_log_odds, lm_log_odds, log_odds
 
 
@@ -111,10 +111,10 @@ def classification_batch(
 
 
 def client_batches(
-    samples: ClientSamples | ClassificationSamples, split: str, batch_size: int, pad_token_id: int
+    samples: LMSamples | ClassificationSamples, split: str, batch_size: int, pad_token_id: int
 ) -> Iterator[tuple[int, Batch]]:
     """One split of a client in order, as (index of the first sample, batch) pairs."""
-    if isinstance(samples, ClientSamples):
+    if isinstance(samples, LMSamples):
         tokens = samples.splits[split]
         for start in range(0, len(tokens), batch_size):
             yield start, lm_batch(tokens[start : start + batch_size])

@@ -26,7 +26,7 @@ from elora_fed.batches import Batch, client_batches
 from elora_fed.classification import ClassificationSamples
 from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
-from elora_fed.lm_samples import ClientSamples
+from elora_fed.lm_samples import LMSamples
 from elora_fed.projection import JLProjector
 from elora_fed.sketch import gradient_dim, sketch_batches
 from elora_fed.splits import SPLITS
@@ -142,7 +142,7 @@ def sketch_setup(model: nn.Module, config: RunConfig) -> tuple[JLProjector, Sket
 
 def sketch_client(
     model: nn.Module,
-    samples: ClientSamples | ClassificationSamples,
+    samples: LMSamples | ClassificationSamples,
     projector: JLProjector,
     metadata: SketchMetadata,
     batch_size: int,

@@ -24,7 +24,7 @@ from elora_fed.classification import (
     tokenize_task,
 )
 from elora_fed.config import DataConfig
-from elora_fed.lm_samples import ClientSamples, FederatedSamples
+from elora_fed.lm_samples import FederatedSamples, LMSamples
 from elora_fed.splits import SPLITS
 
 
@@ -82,9 +82,7 @@ def classification_stats(clients: list[ClassificationSamples]) -> dict[str, Any]
     return {"clients": len(clients), "samples": totals, "per_client": per_client}
 
 
-def load_clients(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase
-) -> list[ClientSamples] | list[ClassificationSamples]:
+def load_clients(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> list[LMSamples] | list[ClassificationSamples]:
     """The run's clients, sorted by id, whatever the source."""
     if cfg.source == "classification":
         return load_classification_clients(cfg, tokenizer)

@@ -28,8 +28,8 @@ _FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
-class ClientSamples:
-    """One client's samples: ``splits[name]`` is an int array of shape (n, seq_len)."""
+class LMSamples:
+    """One language-model client's samples: ``splits[name]`` is an int array of token ids, shape (n, seq_len)."""
 
     client_id: str
     splits: dict[str, np.ndarray]
@@ -48,11 +48,11 @@ class ClientSamples:
 class FederatedSamples:
     """The clients of a run, sorted by id, plus how many candidates there were."""
 
-    clients: tuple[ClientSamples, ...]
+    clients: tuple[LMSamples, ...]
     candidates: int
     seq_len: int
 
-    def client(self, client_id: str) -> ClientSamples:
+    def client(self, client_id: str) -> LMSamples:
         for c in self.clients:
             if c.client_id == client_id:
                 return c
@@ -103,7 +103,7 @@ def build_clients(texts: dict[str, str], tokenizer: PreTrainedTokenizerBase, cfg
         kept = kept[: cfg.num_clients]
     cap = cfg.max_samples_per_client or None
     clients = tuple(
-        ClientSamples(cid, split_contiguous(cid, blocks[cid][:cap], cfg.val_fraction, cfg.test_fraction))
+        LMSamples(cid, split_contiguous(cid, blocks[cid][:cap], cfg.val_fraction, cfg.test_fraction))
         for cid in sorted(kept)
     )
     return FederatedSamples(clients=clients, candidates=len(texts), seq_len=cfg.seq_len)
@@ -173,7 +173,7 @@ def _read(folder: Path) -> FederatedSamples:
     meta = json.loads((folder / "index.json").read_text())
     tokens = np.load(folder / "tokens.npy", mmap_mode="r")
     clients = tuple(
-        ClientSamples(c["client_id"], {name: np.asarray(tokens[a:b]) for name, (a, b) in c["spans"].items()})
+        LMSamples(c["client_id"], {name: np.asarray(tokens[a:b]) for name, (a, b) in c["spans"].items()})
         for c in meta["clients"]
     )
     return FederatedSamples(clients=clients, candidates=meta["candidates"], seq_len=meta["seq_len"])

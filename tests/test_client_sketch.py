@@ -8,7 +8,7 @@ from elora_fed.classification import load_classification_tasks, tokenize_task
 from elora_fed.client_sketch import ClientSketch, SketchMetadata, load_sketches, sketch_client
 from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.errors import DataError
-from elora_fed.lm_samples import ClientSamples
+from elora_fed.lm_samples import LMSamples
 from elora_fed.models import load_base_model
 from elora_fed.projection import JLProjector
 from elora_fed.sketch import gradient_dim
@@ -29,7 +29,7 @@ def lm_client(client_id="hamlet:HAMLET", seed=0):
         s: rng.randint(0, 40000, size=(n, 10)).astype(np.int32)
         for s, n in [("train", 7), ("validation", 3), ("test", 2)]
     }
-    return ClientSamples(client_id, splits)
+    return LMSamples(client_id, splits)
 
 
 def test_rows_carry_their_split_and_index_and_match_per_split_sketches(model):

@@ -4,7 +4,7 @@ import pytest
 from elora_fed import lm_samples
 from elora_fed.config import DataConfig
 from elora_fed.errors import DataError
-from elora_fed.lm_samples import ClientSamples, build_clients, prepare, token_blocks
+from elora_fed.lm_samples import LMSamples, build_clients, prepare, token_blocks
 from elora_fed.splits import split_contiguous
 
 WORDS = [
@@ -71,7 +71,7 @@ def test_build_clients_filters_selects_largest_and_sorts(tokenizer):
 
 def test_empty_client_and_impossible_lengths_are_named(tokenizer):
     with pytest.raises(DataError, match="client 'hamlet:NOBODY' has no samples in its validation split"):
-        ClientSamples(
+        LMSamples(
             "hamlet:NOBODY", {"train": np.zeros((3, 8)), "validation": np.zeros((0, 8)), "test": np.zeros((1, 8))}
         )
     texts = _texts({"a:one": 300})
