@@ -1,0 +1,72 @@
+"""The layering ARCHITECTURE.md promises, checked on the source: import graph, mode names, module size."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("elora_fed", "clients", "strategies")
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Each module's imports of the three packages made at import time (not inside functions or TYPE_CHECKING)."""
+    modules = {f"{p}.{f.stem}": f for p in PACKAGES for f in (REPO / p).glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        imported: set[str] = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom) and sub.module:
+                    imported.add(sub.module)
+                elif isinstance(sub, ast.Import):
+                    imported.update(alias.name for alias in sub.names)
+        graph[name] = {m for m in imported if m in modules}
+    return graph
+
+
+def test_the_import_graph_has_no_cycles():
+    graph, state, cycles = module_imports(), {}, []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                cycles.append([*path[path.index(dep) :], dep])
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def test_the_core_imports_nothing_from_the_flower_glue():
+    graph = module_imports()
+    assert len(graph) > 50
+    glue = {m: sorted(d for d in deps if not d.startswith("elora_fed.")) for m, deps in graph.items()}
+    assert {m: d for m, d in glue.items() if m.startswith("elora_fed.") and d} == {}
+
+
+def test_clients_and_server_ask_the_affinity_mode_object_never_its_name():
+    pattern = re.compile(r"affinity\.mode\s*(==|!=|in\b)")
+    found = [f"{f.relative_to(REPO)}:{i}" for p in ("clients", "strategies") for f in (REPO / p).glob("*.py")
+             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]  # fmt: skip
+    assert found == []
+
+
+def test_modules_stay_small_but_the_one_config_schema():
+    """One concept per module; the config schema stays in one place (the developers' guide), so it may be longer."""
+    sizes = {
+        f.relative_to(REPO).as_posix(): len(f.read_text().splitlines())
+        for p in PACKAGES
+        for f in (REPO / p).glob("*.py")
+    }
+    assert {f: n for f, n in sizes.items() if n > 400 and f != "elora_fed/config.py"} == {}
