@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elora_fed.errors import ConfigError
+from elora_fed.errors import ConfigError, DataError
 from strategies.baselines import method_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # scripts, not a package
@@ -87,3 +87,21 @@ def test_the_classification_report_adds_per_task_accuracy_majority_and_points():
     assert out["majority_accuracy"] == majority_accuracy(protocol)
     assert set(out["majority_accuracy"]) == {"entailment", "sentiment", "topic"}
     assert all(0 <= v <= 1 for v in out["majority_accuracy"].values())
+
+
+def test_comparing_two_reports_finds_the_one_client_and_weight_that_changed():
+    from compare_reports import compare
+
+    def report(loss_b: float, weight: float) -> dict:
+        rows = [
+            {"client_id": "a", "group": 0, "test_loss": 1.0, "weights": {"0": 1.0, "1": 0.0}},
+            {"client_id": "b", "group": 1, "test_loss": loss_b, "weights": {"0": weight, "1": 1 - weight}},
+        ]
+        return {"clients": rows, "average": {}, "boosts": [], "num_groups": 2}
+
+    assert compare(report(2.0, 0.5), report(2.0, 0.5))["identical_test_losses"]
+    changed = compare(report(2.0, 0.5), report(2.25, 0.75))
+    assert not changed["identical_test_losses"] and changed["identical_groups"]
+    assert changed["largest_difference_per_client"] == {"test_loss": 0.25, "weights": 0.25}
+    with pytest.raises(DataError, match="different clients"):
+        compare(report(2.0, 0.5), {**report(2.0, 0.5), "clients": report(2.0, 0.5)["clients"][:1]})
