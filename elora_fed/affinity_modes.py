@@ -19,6 +19,7 @@ in a secure mode.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -71,7 +72,8 @@ class AffinityMode(Protocol):
         ...
 
 
-def _sketches(collected: Collected) -> list[ClientSketch]:
+def sketches_only(collected: Collected) -> list[ClientSketch]:
+    """The clients' sketches, or DataError if a mode that estimates from sketches got statistics."""
     if isinstance(collected, SubsetSums) or not all(isinstance(c, ClientSketch) for c in collected):
         raise DataError("this affinity mode estimates from clients' sketches, and got statistics")
     return [c for c in collected if isinstance(c, ClientSketch)]
@@ -93,7 +95,7 @@ class ExactMode:
         return released_sketch(sketch, self.config)
 
     def estimate(self, collected: Collected) -> np.ndarray:
-        af, tasks = self.config.affinity, [task_features(s) for s in _sketches(collected)]
+        af, tasks = self.config.affinity, [task_features(s) for s in sketches_only(collected)]
         return affinity_from_features(tasks, min(af.subset_size, len(tasks)), af.num_subsets, af.lam, af.seed).affinity
 
     def privacy_parts(self) -> list[NoisedPart]:
@@ -104,7 +106,7 @@ class GradientCosineMode(ExactMode):
     """The baseline: the same release as exact mode; affinity = cosine of the clients' mean gradients."""
 
     def estimate(self, collected: Collected) -> np.ndarray:
-        return gradient_cosine_affinity([task_features(s) for s in _sketches(collected)])
+        return gradient_cosine_affinity([task_features(s) for s in sketches_only(collected)])
 
 
 class PrivateMode:
@@ -147,8 +149,13 @@ BUILT_IN: dict[str, type[AffinityMode]] = dict(
 """``affinity.mode``'s names (``elora_fed.config.AFFINITY_MODES``, which validates them) and their classes."""
 
 
+@functools.lru_cache(maxsize=16)
 def affinity_mode(config: RunConfig) -> AffinityMode:
-    """The mode ``affinity.mode`` names: a built-in name or a user class (ConfigError if it cannot be loaded)."""
+    """The mode ``affinity.mode`` names: a built-in name or a user class (ConfigError if it cannot be loaded).
+
+    Cached per config (``RunConfig`` is frozen and hashable): the driver and every sketch
+    message ask for it, and a mode given as a file path would otherwise be re-executed each time.
+    """
     name = config.affinity.mode
     cls = BUILT_IN.get(name) or load_class(name, "affinity.mode")
     return cls(config)

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from elora_fed.affinity import cosine_affinity, mean_train_gradient
+from elora_fed.affinity_modes import sketches_only
 from elora_fed.client_sketch import ClientSketch
 from elora_fed.config import RunConfig
-from elora_fed.errors import ConfigError, DataError
+from elora_fed.errors import ConfigError
 from elora_fed.privacy import NoisedPart
 from elora_fed.quadratic_sums import SubsetSums
 from elora_fed.splits import SPLITS
@@ -57,9 +58,7 @@ class MeanGradientMode:
         )
 
     def estimate(self, collected: Sequence[ClientSketch | ClientStatistics] | SubsetSums) -> np.ndarray:
-        if isinstance(collected, SubsetSums) or not all(isinstance(c, ClientSketch) for c in collected):
-            raise DataError("MeanGradientMode estimates from the one-row sketches its clients release")
-        return cosine_affinity([torch.from_numpy(c.features[0]) for c in collected if isinstance(c, ClientSketch)])
+        return cosine_affinity([torch.from_numpy(c.features[0]) for c in sketches_only(collected)])
 
     def privacy_parts(self) -> list[NoisedPart]:
         raise ConfigError("affinity.mode MeanGradientMode adds no noise, so it has no privacy guarantee")
