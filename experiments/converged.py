@@ -125,6 +125,7 @@ def record(results: Path, key: str, settings: dict[str, Any], run_dir: Path, sec
         "key": key,
         "settings": settings,
         "commit": commit(),
+        "machine": machine(),
         "seconds": seconds,
         "clients": report["clients"],
         "average": report["average"],
@@ -296,7 +297,8 @@ def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: 
     }
     first = next(iter(runs.values()), None)
     out: dict[str, Any] = {
-        "machine": machine(),
+        # per run: a resumed experiment may finish on another CPU, and "auto" picks its dtype there
+        "machines": {key: r.get("machine", "not recorded") for key, r in runs.items()},
         "runs_finished": len(runs),
         "runs_planned": len(planned),
         "commits": sorted({r["commit"] for r in runs.values()}),
@@ -400,7 +402,7 @@ def markdown(exp: Experiment, out: dict[str, Any]) -> str:
         f"{out['num_clients']} clients, {out['test_targets']} test targets; protocol `{json.dumps(out['protocol'])}`; "
         f"budget from the validation curve: lr {out['lr']}, {out['rounds']} rounds x {out['local_steps']} local "
         f"steps ({out['budget']['rule']}; plateau reached: {out['budget']['plateau_reached']}). "
-        f"Commits: {', '.join(c[:7] for c in out['commits'])}. Machine: `{json.dumps(out['machine'])}`. "
+        f"Commits: {', '.join(c[:7] for c in out['commits'])}. Machine per run: `{json.dumps(out['machines'])}`. "
         f"Written by `{exp.script}`.",
         "",
         "| method | seeds | test loss | top-1 accuracy | own group loss | groups | FLOPs (paper) | FLOPs (full) | wall s |",
