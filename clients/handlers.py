@@ -21,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, Re
 
 from clients.node import Node, Samples, adapted_model, cached_tokenizer, client_for, measured, node_for
 from clients.protocol import MODEL_SIZE_KEYS, Metrics, number, run_config
-from clients.records import ensemble_from, release_to_record
+from clients.records import adapter_from, adapter_record, ensemble_from, release_to_record
 from clients.secure import (
     StatisticsCache,
     secure_statistics_content,
@@ -148,9 +148,9 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
         batches = node.batches("train", int(number(options, "batch-size")))
         objective: Objective = target_log_loss
         if str(options.get("objective", "fit")) == "boost":
-            (group,) = ensemble_from(content).values()
+            (group,) = ensemble_from(content, node.theta_star).values()
             objective = boost_objective(*_boost_targets(node, batches, group))
-        load_adapter_state(node.model, content.array_records["arrays"].to_torch_state_dict())
+        load_adapter_state(node.model, adapter_from(content.array_records["arrays"], node.theta_star, "train 'arrays'"))
         seed = derive_seed(options.get("seed", ""), node.client.client_id)
         losses = train_adapter(
             node.model,
@@ -165,7 +165,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
             "num-examples": sum(len(b) for b in batches),
             "train-loss": float(np.mean(losses)),
         }
-        return RecordDict({"arrays": ArrayRecord(adapter_state(node.model)), "metrics": MetricRecord(metrics)})
+        return RecordDict({"arrays": adapter_record(adapter_state(node.model)), "metrics": MetricRecord(metrics)})
 
 
 def _boost_targets(
@@ -192,7 +192,7 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     node = node_for(content, context)
     with node.compute():
         options = content.config_records["config"]
-        groups = ensemble_from(content)
+        groups = ensemble_from(content, node.theta_star)
         if not groups:
             raise DataError("evaluate request without adapters")
         batches = node.batches(str(options["split"]))
@@ -252,7 +252,7 @@ def boost_content(content: RecordDict, context: Context) -> RecordDict:
     """
     node = node_for(content, context)
     with node.compute():
-        (group,) = ensemble_from(content).values()
+        (group,) = ensemble_from(content, node.theta_star).values()
         batches = node.batches("train")
         outputs = group_outputs(node.model, batches, group, node.theta_star, node.config.boost.eta)
         residuals = residual_targets(outputs.per_sample()).numpy().astype(np.float64)

@@ -2,6 +2,14 @@
 
 The layout of each record is in ``clients.protocol``. Decoding checks every field, so a
 malformed reply is a named ``DataError``, not a crash later.
+
+An adapter travels as one Array (``ADAPTER_ARRAY``): its tensors flattened in key order.
+Flower sends every Array as its own objects, one request per object per hop (ServerApp,
+SuperLink, SuperNode, ClientApp); SmolLM2's q/v adapter is 120 tensors, whose transfer
+took most of a deployed message's overhead (``experiments/deployment_overhead.py``). Both
+ends know the layout: the server from theta* (the one adapter sent key by key), a client
+from its own model. Element-wise strategies (FedAvg, FedProx, FedAdam, ...) aggregate the
+flat vector exactly as they would aggregate its pieces.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from elora_fed.client_sketch import ClientSketch, SketchMetadata
@@ -22,18 +31,55 @@ from elora_fed.statistics import ClientStatistics, statistics_arrays, statistics
 _MEMBER = re.compile(r"group\.(\d+)\.(base|boost\.(\d+))")
 
 
+ADAPTER_ARRAY = "adapter"
+"""The one Array of an adapter's record: its tensors, flattened in sorted key order."""
+
+
+def adapter_record(state: AdapterState) -> ArrayRecord:
+    """``state`` as one flat Array (``ADAPTER_ARRAY``); ValueError if its tensors' dtypes differ."""
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) != 1:
+        raise ValueError(
+            f"an adapter packs into one array only if its tensors share a dtype, got {sorted(map(str, dtypes))}"
+        )
+    flat = torch.cat([state[k].detach().reshape(-1) for k in sorted(state)])
+    return ArrayRecord({ADAPTER_ARRAY: Array(flat.cpu().numpy())})
+
+
+def adapter_from(record: ArrayRecord, like: AdapterState, name: str = "adapter") -> AdapterState:
+    """The adapter in ``record`` (``adapter_record``), laid out and typed as ``like``; DataError naming a mismatch."""
+    if list(record.keys()) != [ADAPTER_ARRAY]:
+        raise DataError(f"malformed {name}: arrays {sorted(record.keys())[:3]}, expected one array '{ADAPTER_ARRAY}'")
+    try:
+        flat = torch.from_numpy(record[ADAPTER_ARRAY].numpy().copy())
+    except Exception as e:  # Flower and numpy raise plain exceptions for undecodable arrays
+        raise DataError(f"malformed {name}: {type(e).__name__}: {e}") from e
+    size = sum(t.numel() for t in like.values())
+    if flat.ndim != 1 or flat.numel() != size or not flat.is_floating_point():
+        raise DataError(
+            f"malformed {name}: {tuple(flat.shape)} {flat.dtype}, expected ({size},) floats (the receiver's adapter layout)"
+        )
+    flat = flat.to(next(iter(like.values())).dtype)  # e.g. FedAdam aggregates in float64
+    state, offset = {}, 0
+    for k in sorted(like):
+        n = like[k].numel()
+        state[k] = flat[offset : offset + n].reshape(like[k].shape).clone()  # own storage: safetensors saves it
+        offset += n
+    return state
+
+
 def ensemble_records(groups: Mapping[int, GroupAdapters]) -> dict[str, ArrayRecord]:
     """The ArrayRecords that carry groups' adapters: ``group.G.base`` and ``group.G.boost.T``."""
     records = {}
     for g, group in groups.items():
-        records[f"group.{g}.base"] = ArrayRecord(group.base)
+        records[f"group.{g}.base"] = adapter_record(group.base)
         for t, boost in enumerate(group.boosts):
-            records[f"group.{g}.boost.{t}"] = ArrayRecord(boost)
+            records[f"group.{g}.boost.{t}"] = adapter_record(boost)
     return records
 
 
-def ensemble_from(content: RecordDict) -> dict[int, GroupAdapters]:
-    """The groups' adapters in a request, by group id; DataError if a boost has no base."""
+def ensemble_from(content: RecordDict, like: AdapterState) -> dict[int, GroupAdapters]:
+    """The groups' adapters in a request, by group id, laid out as ``like``; DataError if a boost has no base."""
     bases: dict[int, AdapterState] = {}
     boosts: dict[int, dict[int, AdapterState]] = {}
     for name, record in content.array_records.items():
@@ -41,10 +87,7 @@ def ensemble_from(content: RecordDict) -> dict[int, GroupAdapters]:
         if match is None:
             continue
         g = int(match.group(1))
-        try:
-            state = record.to_torch_state_dict()
-        except Exception as e:  # Flower raises plain exceptions for undecodable arrays
-            raise DataError(f"malformed adapter '{name}': {e}") from e
+        state = adapter_from(record, like, f"adapter '{name}'")
         if match.group(3) is None:
             bases[g] = state
         else:

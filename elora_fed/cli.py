@@ -84,6 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_model_holder)
 
+    p = sub.add_parser(
+        "supernode",
+        help="flower-supernode with waits of a fraction of a second instead of 3 s (docs/deployment.md)",
+        usage="elora-fed supernode [--idle-poll-s S] [--reply-poll-s S] -- FLOWER_SUPERNODE_ARGS...",
+    )
+    p.add_argument("--idle-poll-s", type=float, default=0.05, help="wait after a message's first empty pull")
+    p.add_argument("--reply-poll-s", type=float, default=0.05, help="wait between checks for a ClientApp's reply")
+    p.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's arguments, after --")
+    p.set_defaults(func=_supernode)
+
     p = sub.add_parser("predict", help="score text (or --generate) with a finished run's ensemble for one client")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a finished run's directory")
     p.add_argument("--client", required=True, help="the client (speaking role) whose ensemble weights to use")
@@ -116,6 +126,13 @@ def _model_holder(args: argparse.Namespace) -> int:
     from clients.model_holder import serve
 
     return serve(args.file, HANDLERS, args.idle_timeout)
+
+
+def _supernode(args: argparse.Namespace) -> None:
+    from clients.supernode import run
+
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    run(flower_args, args.idle_poll_s, args.reply_poll_s)
 
 
 def _fetch_data(args: argparse.Namespace) -> None:

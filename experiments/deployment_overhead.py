@@ -1,15 +1,16 @@
-"""Per-message overhead in deployment, without and with model holders, side by side in one run.
+"""Per-message overhead in deployment: Flower as it is, model holders, short waits, side by side in one run.
 
 A real SuperLink and SuperNodes on loopback (``strategies.loopback``) run the same short
-pipeline twice with SmolLM2 (the default model): once as Flower 1.42 runs a ClientApp,
-a fresh ``flwr-clientapp`` process per message that loads the model stack and the base
-model, and once with one model holder per node (``clients.model_holder``), which loads
-them once. One node serves one client (one group: ``OneGroup``), so its messages run one
+pipeline three times with SmolLM2 (the default model) (``MODES``): as Flower 1.42 runs a
+ClientApp, a fresh ``flwr-clientapp`` process per message that loads the model stack and
+the base model; with one model holder per node (``clients.model_holder``), which loads
+them once; and with the holder behind ``elora-fed supernode`` (``clients.supernode``),
+Flower's SuperNode with waits of a fraction of a second. One node serves one client (one group: ``OneGroup``), so its messages run one
 at a time and each exchange's wall time is the sum of its messages' latencies, whatever
 else shares the CPU. Per exchange of M messages:
 
 - compute: the client's handler time minus the time it spent loading (``load-s``): the
-  model work itself, the same in both modes;
+  model work itself, the same in every mode;
 - overhead per message beyond the compute: ``(wall - compute) / M``: process start,
   imports, model and data loading, transport, polling and the server's own work.
 
@@ -42,14 +43,16 @@ SETTINGS: dict[str, Any] = {  # a short pipeline: every phase, a few messages ea
     "sketch.dim": 64,
     "affinity.num_subsets": 20,
     "clustering.num_groups": 2,
-    "train.rounds": 2,
+    "train.rounds": 4,
     "train.local_steps": 2,
     "boost.steps": 1,
     "strategies.clustering": "strategies.baselines:OneGroup",
 }
 
 
-def measure(work: Path, nodes: int, holders: bool, settings: dict[str, Any]) -> dict[str, Any]:
+def measure(
+    work: Path, nodes: int, holders: bool, settings: dict[str, Any], short_waits: bool = False
+) -> dict[str, Any]:
     """One deployed run; per exchange its wall time, compute, loading and overhead per message."""
     work.mkdir(parents=True, exist_ok=True)
     run_dir = work / "runs"
@@ -58,7 +61,7 @@ def measure(work: Path, nodes: int, holders: bool, settings: dict[str, Any]) -> 
     env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
     start = time.perf_counter()
     with processes(work) as started:
-        federation = start_federation(started, env, nodes, holders)
+        federation = start_federation(started, env, nodes, holders, short_waits)
         result = federation.flwr_run(REPO, overrides)
         deadline = time.monotonic() + 120
         while not list(run_dir.glob("*/report.json")) and time.monotonic() < deadline:
@@ -94,6 +97,14 @@ def measure(work: Path, nodes: int, holders: bool, settings: dict[str, Any]) -> 
     }
 
 
+MODES = {  # name -> (model holders, elora-fed supernode's short waits)
+    "per_message_process": (False, False),
+    "model_holder": (True, False),
+    "model_holder_short_waits": (True, True),
+}
+"""Flower 1.42 as it is; with a model holder per node; and with ``elora-fed supernode`` (``clients.supernode``) too."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("runs/deployment_overhead"))
@@ -106,19 +117,19 @@ def main() -> None:
         settings[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout
     modes = {}
-    for name, holders in (("per_message_process", False), ("model_holder", True)):
+    for name, (holders, short_waits) in MODES.items():
         print(f"{name}: running", flush=True)
-        modes[name] = measure(args.work / name, 1, holders, settings)
+        modes[name] = measure(args.work / name, 1, holders, settings, short_waits)
         print(f"{name}: overhead per message {modes[name]['overhead_per_message_s']}", flush=True)
-    before, after = (modes[k]["overhead_per_message_s"]["median"] for k in ("per_message_process", "model_holder"))
+    medians = {name: mode["overhead_per_message_s"]["median"] for name, mode in modes.items()}
     out = {
         "commit": commit.strip(),
         "machine": {"processor": platform.processor(), "cores": os.cpu_count()},
         "nodes": 1,
         "settings": settings,
         "modes": modes,
-        "median_overhead_per_message_s": {"before": before, "after": after},
-        "overhead_ratio": before / after if after > 0 else None,
+        "median_overhead_per_message_s": medians,
+        "overhead_ratio": medians["per_message_process"] / medians["model_holder_short_waits"],
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "deployment_overhead.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -127,27 +138,29 @@ def main() -> None:
 
 
 def markdown(out: dict[str, Any]) -> str:
+    names = list(out["modes"])
+    medians = out["median_overhead_per_message_s"]
     lines = [
-        "# Per-message overhead in deployment: a ClientApp process per message against model holders",
+        "# Per-message overhead in deployment: Flower's ClientApp per message, model holders, short waits",
         "",
         f"SmolLM2 (default model), {out['nodes']} SuperNode on loopback serving one client; settings "
         f"`{json.dumps(out['settings'])}`; commit {out['commit']}; {out['machine']['cores']} cores. "
         "Written by `experiments/deployment_overhead.py`. Overhead per message = (wall - compute) / messages, "
-        "compute = the handlers' time minus their loading.",
+        "compute = the handlers' time minus their loading. Modes: " + "; ".join(f"`{n}`" for n in names) + ".",
         "",
-        f"Median overhead per message: **{out['median_overhead_per_message_s']['before']:.2f} s** before, "
-        f"**{out['median_overhead_per_message_s']['after']:.2f} s** with model holders.",
+        "Median overhead per message: "
+        + ", ".join(f"`{n}` **{medians[n]:.2f} s**" for n in names)
+        + f" ({out['overhead_ratio']:.1f}x less from first to last).",
         "",
-        "| exchange | messages | before: wall s | before: loading s | before: overhead/msg s "
-        "| holders: wall s | holders: loading s | holders: overhead/msg s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| exchange | messages | "
+        + " | ".join(f"{n}: wall s | {n}: loading s | {n}: overhead/msg s" for n in names)
+        + " |",
+        "| --- | --- | " + " | ".join("--- | --- | ---" for _ in names) + " |",
     ]
-    before, after = out["modes"]["per_message_process"]["exchanges"], out["modes"]["model_holder"]["exchanges"]
-    for b, a in zip(before, after, strict=False):
-        lines.append(
-            f"| {b['exchange']} | {b['messages']} | {b['wall_s']:.1f} | {b['load_s']:.1f} | "
-            f"{b['overhead_per_message_s']:.2f} | {a['wall_s']:.1f} | {a['load_s']:.1f} | {a['overhead_per_message_s']:.2f} |"
-        )
+    rows = zip(*(out["modes"][n]["exchanges"] for n in names), strict=False)
+    for row in rows:
+        cells = " | ".join(f"{r['wall_s']:.1f} | {r['load_s']:.1f} | {r['overhead_per_message_s']:.2f}" for r in row)
+        lines.append(f"| {row[0]['exchange']} | {row[0]['messages']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -83,6 +83,7 @@ class LoopbackFederation:
     port: int
     nodes: int
     holders: bool
+    short_waits: bool = False  # ``elora-fed supernode`` (clients.supernode) instead of ``flower-supernode``
 
     def start_node(self, i: int) -> None:
         """SuperNode ``i`` (and, with holders, its model holder first); restarting one reuses its holder file."""
@@ -99,7 +100,8 @@ class LoopbackFederation:
                         raise TimeoutError(f"model holder {i} wrote no {file} in 120 s")
                     time.sleep(0.2)
             node_config += f" model-holder='{file}'"
-        node = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}"]
+        launcher = [str(BIN / "elora-fed"), "supernode", "--"] if self.short_waits else [str(BIN / "flower-supernode")]
+        node = [*launcher, "--insecure", "--superlink", f"127.0.0.1:{self.port}"]
         self.start(f"supernode-{i}", [*node, "--port", str(free_port()), "--node-config", node_config], self.env)
 
     def flwr_run(
@@ -111,7 +113,9 @@ class LoopbackFederation:
         return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_federation(start: Processes, env: Mapping[str, str], nodes: int, holders: bool) -> LoopbackFederation:
+def start_federation(
+    start: Processes, env: Mapping[str, str], nodes: int, holders: bool, short_waits: bool = False
+) -> LoopbackFederation:
     """A SuperLink on a free port, its ``FLWR_HOME`` connection ``loopback``, and ``nodes`` SuperNodes."""
     port = free_port()
     home = start.log_dir / "flwr-home"
@@ -121,7 +125,7 @@ def start_federation(start: Processes, env: Mapping[str, str], nodes: int, holde
     superlink = [str(BIN / "flower-superlink"), "--insecure", "--database", str(start.log_dir / "state.db")]
     start("superlink", [*superlink, "--port", str(port), "--disable-runtime-dependency-installation"], full_env)
     wait_for_port(port)
-    federation = LoopbackFederation(start, full_env, port, nodes, holders)
+    federation = LoopbackFederation(start, full_env, port, nodes, holders, short_waits)
     for i in range(nodes):
         federation.start_node(i)
     return federation

@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
 from clients.protocol import number, run_record
-from clients.records import ensemble_records
+from clients.records import adapter_from, adapter_record, ensemble_records
 from elora_fed.adapters import save_peft_adapter
 from elora_fed.config import RunConfig
 from elora_fed.ensemble import AdapterState, GroupAdapters
@@ -101,7 +101,7 @@ class GroupTraining:
                         "objective": self.objective,
                     }
                 )
-                for message in strategies[g].configure_train(rnd, ArrayRecord(arrays[g]), options, view):
+                for message in strategies[g].configure_train(rnd, adapter_record(arrays[g]), options, view):
                     sent = message.content.config_records.get("config", ConfigRecord())
                     if "proximal-mu" in sent:
                         proximal_mu[str(g)] = number(sent, "proximal-mu")
@@ -120,7 +120,7 @@ class GroupTraining:
                 rejected.update(rejected_g)
                 aggregated, metrics = strategies[g].aggregate_train(rnd, replies)
                 if aggregated is not None:
-                    arrays[g] = aggregated.to_torch_state_dict()
+                    arrays[g] = adapter_from(aggregated, arrays[g], f"group {g}'s aggregated adapter")
                 if metrics is not None and "train-loss" in metrics:
                     losses[str(g)] = float(metrics["train-loss"])  # type: ignore[arg-type]
             if rejected:

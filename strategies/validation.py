@@ -2,8 +2,8 @@
 
 A training reply is accepted only if it is what the server asked for: a payload within
 ``federation.max_payload_mb``, a positive finite ``num-examples``, exactly the adapter's
-keys in one ArrayRecord ``arrays``, each with the sent tensor's dtype and shape, finite
-values, and a change of the adapter whose L2 norm is at most
+one flat Array in the ArrayRecord ``arrays`` (``clients.records.adapter_record``) with
+the sent adapter's dtype and size, finite values, and a change of the adapter whose L2 norm is at most
 ``federation.max_update_norm``. Anything else is rejected under the first rule it breaks
 (``KINDS``), counted, and never passed to the strategy, so it cannot touch a global
 adapter. Flower's own strategies assume well-formed replies; this is where they get them.
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
+from clients.records import ADAPTER_ARRAY, adapter_record
 from elora_fed.config import FederationConfig
 from elora_fed.ensemble import AdapterState
 from strategies.messaging import content_bytes
@@ -44,11 +45,11 @@ def rejection(reply: Message, sent: AdapterState, limits: UpdateLimits) -> str |
     return _rejection(reply, _reference(sent), limits)
 
 
-def _reference(sent: AdapterState) -> dict[str, np.ndarray]:
-    return {key: tensor.detach().cpu().numpy() for key, tensor in sent.items()}
+def _reference(sent: AdapterState) -> np.ndarray:
+    return adapter_record(sent)[ADAPTER_ARRAY].numpy()
 
 
-def _rejection(reply: Message, reference: dict[str, np.ndarray], limits: UpdateLimits) -> str | None:
+def _rejection(reply: Message, reference: np.ndarray, limits: UpdateLimits) -> str | None:
     if content_bytes(reply) > limits.max_payload_bytes:
         return "payload"
     metrics = reply.content.metric_records.get("metrics")
@@ -56,26 +57,22 @@ def _rejection(reply: Message, reference: dict[str, np.ndarray], limits: UpdateL
     if isinstance(examples, bool) or not isinstance(examples, int | float) or not 0 < examples < math.inf:
         return "num-examples"
     records = reply.content.array_records
-    if list(records) != ["arrays"] or set(records["arrays"]) != set(reference):
+    if list(records) != ["arrays"] or list(records["arrays"]) != [ADAPTER_ARRAY]:
         return "keys"
-    arrays = records["arrays"]
-    squared = 0.0
-    for key, expected in reference.items():
-        array = arrays[key]
-        if array.dtype != str(expected.dtype):
-            return "dtype"
-        if tuple(array.shape) != expected.shape:
-            return "shape"
-        try:
-            values = array.numpy()
-        except Exception:  # numpy raises ValueError, EOFError, ... for bytes that are not an array
-            return "decode"
-        if values.shape != expected.shape:
-            return "decode"
-        if not np.isfinite(values).all():
-            return "non-finite"
-        squared += float(np.sum((values.astype(np.float64) - expected) ** 2))
-    if math.sqrt(squared) > limits.max_update_norm:
+    array = records["arrays"][ADAPTER_ARRAY]
+    if array.dtype != str(reference.dtype):
+        return "dtype"
+    if tuple(array.shape) != reference.shape:
+        return "shape"
+    try:
+        values = array.numpy()
+    except Exception:  # numpy raises ValueError, EOFError, ... for bytes that are not an array
+        return "decode"
+    if values.shape != reference.shape:
+        return "decode"
+    if not np.isfinite(values).all():
+        return "non-finite"
+    if float(np.linalg.norm(values.astype(np.float64) - reference)) > limits.max_update_norm:
         return "norm"
     return None
 

@@ -10,7 +10,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from clients import handlers as client_app
 from clients import node as client_node
 from clients.protocol import run_config, run_record
-from clients.records import ensemble_from, ensemble_records, sketch_from_record, sketch_to_record
+from clients.records import (
+    adapter_from,
+    adapter_record,
+    ensemble_from,
+    ensemble_records,
+    sketch_from_record,
+    sketch_to_record,
+)
 from elora_fed.adapters import attach_lora
 from elora_fed.client_sketch import SketchMetadata, sketch_client
 from elora_fed.config import RunConfig
@@ -88,14 +95,14 @@ def test_malformed_sketch_replies_are_named():
 def test_train_returns_an_update_of_the_same_adapter_with_its_sample_count():
     start = theta_star()
     options = ConfigRecord({"local-steps": 3, "lr": 0.05, "batch-size": 4, "seed": "0:train:1", "objective": "fit"})
-    reply = client_app.train_content(request(arrays=ArrayRecord(start), config=options), context(2))
-    update = reply.array_records["arrays"].to_torch_state_dict()
+    reply = client_app.train_content(request(arrays=adapter_record(start), config=options), context(2))
+    update = adapter_from(reply.array_records["arrays"], start)
     metrics = reply.metric_records["metrics"]
     client = load_clients(CONFIG.data, load_tokenizer(CONFIG.model))[2]
     assert update.keys() == start.keys() and metrics["num-examples"] == len(client.splits["train"])
     assert any(not torch.equal(update[k], start[k]) for k in start) and np.isfinite(metrics["train-loss"])
-    again = client_app.train_content(request(arrays=ArrayRecord(start), config=options), context(2))
-    torch.testing.assert_close(again.array_records["arrays"].to_torch_state_dict(), update)  # seeded
+    again = client_app.train_content(request(arrays=adapter_record(start), config=options), context(2))
+    torch.testing.assert_close(adapter_from(again.array_records["arrays"], start), update)  # seeded
 
 
 def test_evaluate_learns_simplex_weights_or_uses_the_given_ones():
@@ -132,17 +139,21 @@ def test_boost_query_sends_residuals_and_asked_for_ridge_statistics_of_the_sketc
 
 def test_protocol_decoding_names_what_is_wrong():
     state = {"x.lora_A.default.weight": torch.ones(2, 2)}
-    decoded = ensemble_from(RecordDict(ensemble_records({3: GroupAdapters(state, [state, state])})))
+    decoded = ensemble_from(RecordDict(ensemble_records({3: GroupAdapters(state, [state, state])})), state)
     assert list(decoded) == [3] and len(decoded[3].boosts) == 2
     with pytest.raises(DataError, match="without their base adapter"):
-        ensemble_from(RecordDict({"group.1.boost.0": ArrayRecord(state)}))
+        ensemble_from(RecordDict({"group.1.boost.0": adapter_record(state)}), state)
+    with pytest.raises(DataError, match=r"group.0.base.*\(3,\) torch.float32, expected \(4,\) floats"):
+        ensemble_from(RecordDict({"group.0.base": adapter_record({"x": torch.ones(3)})}), state)
+    with pytest.raises(DataError, match="expected one array 'adapter'"):
+        ensemble_from(RecordDict({"group.0.base": ArrayRecord(state)}), state)
     with pytest.raises(DataError, match="without a readable run config"):
         run_config(RecordDict())
     assert run_config(request()) == CONFIG
     with pytest.raises(DataError, match="'lr' .* is not a number"):
         client_app.train_content(
             request(
-                arrays=ArrayRecord(theta_star()), config=ConfigRecord({"local-steps": 1, "lr": "fast", "batch-size": 2})
+                arrays=adapter_record(theta_star()), config=ConfigRecord({"local-steps": 1, "lr": "fast", "batch-size": 2})
             ),
             context(0),
         )

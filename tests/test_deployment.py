@@ -44,12 +44,13 @@ def wait_for_report(run_dir: Path, timeout: float = 60) -> dict:
 
 @pytest.mark.e2e
 def test_with_model_holders_a_supernode_restarted_mid_run_loses_only_its_replies(tmp_path):
-    """Each node's model holder serves every message from one model load; SuperNode 1 is killed
-    after the sketch phase and restarted: the run finishes under the dropout rules."""
+    """Each node's model holder serves every message from one model load, behind ``elora-fed
+    supernode`` (short waits); SuperNode 1 is killed after the sketch phase and restarted: the
+    run finishes under the dropout rules."""
     run_dir = tmp_path / "runs"
     settings = {**SHORT, "data.num_clients": 3, "run_dir": str(run_dir), "federation.timeout_s": 90.0}
     with processes(tmp_path) as start:
-        federation = start_federation(start, _env(), nodes=3, holders=True)
+        federation = start_federation(start, _env(), nodes=3, holders=True, short_waits=True)
         outcome: dict[str, subprocess.CompletedProcess[str]] = {}
         runner = threading.Thread(target=lambda: outcome.update(result=federation.flwr_run(REPO, settings, 900)))
         runner.start()

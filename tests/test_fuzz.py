@@ -148,6 +148,7 @@ def records(draw) -> RecordDict:
                             "train.count",
                             "train.grad",
                             "a.weight",
+                            "adapter",
                         ]
                     ),
                     arrays,
@@ -177,7 +178,7 @@ def test_message_decoders_decode_or_name_the_problem(content):
     CASES["messages"] += 1
     decoders = (
         run_config,
-        ensemble_from,
+        lambda c: ensemble_from(c, SENT),
         sketch_from_record,
         lambda c: statistics_from_record(c, 4),
         lambda c: [number(r, "num-examples") for r in c.metric_records.values()],

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from bitsandbytes.functional import has_avx512bf16
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from clients import handlers as client_app
 from clients import node as client_node
 from clients.protocol import run_record
-from clients.records import ensemble_records
+from clients.records import adapter_from, adapter_record, ensemble_records
 from elora_fed.adapters import attach_lora
 from elora_fed.batches import Batch
 from elora_fed.config import AdapterConfig, ModelConfig, RunConfig
@@ -83,8 +83,8 @@ def test_the_client_apps_cached_nf4_model_trains_after_it_evaluated():
         request(config=evaluate, **ensemble_records({0: GroupAdapters(start)})), context
     )
     options = ConfigRecord({"local-steps": 6, "lr": 0.05, "batch-size": 4, "seed": "0:train:1", "objective": "fit"})
-    reply = client_app.train_content(request(arrays=ArrayRecord(start), config=options), context)
-    update = reply.array_records["arrays"].to_torch_state_dict()
+    reply = client_app.train_content(request(arrays=adapter_record(start), config=options), context)
+    update = adapter_from(reply.array_records["arrays"], start)
     moved = [k for k in start if "lora_B" in k and not torch.equal(update[k], start[k])]
     assert moved, "training after an evaluation left every LoRA B matrix at zero"
     after = client_app.evaluate_content(

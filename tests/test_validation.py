@@ -8,6 +8,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
+from clients.records import ADAPTER_ARRAY, adapter_from, adapter_record
 from strategies.validation import KINDS, UpdateLimits, rejection, screen
 
 SENT = {"layer.lora_A.weight": torch.randn(2, 8), "layer.lora_B.weight": torch.zeros(8, 2)}
@@ -19,7 +20,7 @@ TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
 
 def reply(arrays=None, examples=5, **extra) -> Message:
     state = {k: v + 0.01 for k, v in SENT.items()} if arrays is None else arrays
-    records = {"arrays": ArrayRecord(state) if isinstance(state, dict) else state, **extra}
+    records = {"arrays": adapter_record(state) if isinstance(state, dict) else state, **extra}
     if examples is not None:
         records["metrics"] = MetricRecord({"num-examples": examples, "train-loss": 1.0})
     return Message(RecordDict(records), dst_node_id=0, message_type="train")
@@ -30,20 +31,24 @@ def changed(key: str, value) -> dict:
 
 
 A, B = "layer.lora_A.weight", "layer.lora_B.weight"
+SIZE = sum(t.numel() for t in SENT.values())
 
 MALFORMED = {
     "oversized payload": ("payload", reply(padding=ConfigRecord({"x": b"0" * 2**21}))),
     "no num-examples": ("num-examples", reply(examples=None)),
     "zero num-examples": ("num-examples", reply(examples=0)),
     "NaN num-examples": ("num-examples", reply(examples=float("nan"))),
-    "missing key": ("keys", reply({A: SENT[A].clone()})),
-    "extra key": ("keys", reply(changed("layer.lora_C.weight", torch.zeros(2)))),
+    "unpacked, key by key": ("keys", reply(ArrayRecord({k: v.clone() for k, v in SENT.items()}))),
+    "extra array": (
+        "keys",
+        reply(ArrayRecord({ADAPTER_ARRAY: Array(torch.zeros(SIZE).numpy()), A: Array(SENT[A].numpy())})),
+    ),
     "extra array record": ("keys", reply(more=ArrayRecord({A: SENT[A].clone()}))),
-    "float64": ("dtype", reply(changed(A, SENT[A].double()))),
-    "transposed": ("shape", reply(changed(A, SENT[A].T.contiguous()))),
+    "float64": ("dtype", reply({k: v.double() for k, v in SENT.items()})),
+    "a tensor missing": ("shape", reply({A: SENT[A].clone()})),
     "truncated bytes": (
         "decode",
-        reply(ArrayRecord({A: Array("float32", (2, 8), "numpy.ndarray", b"\x00" * 8), B: Array(SENT[B].numpy())})),
+        reply(ArrayRecord({ADAPTER_ARRAY: Array("float32", (SIZE,), "numpy.ndarray", b"\x00" * 8)})),
     ),
     "NaN": ("non-finite", reply(changed(B, torch.full((8, 2), float("nan"))))),
     "Inf": ("non-finite", reply(changed(B, torch.full((8, 2), float("inf"))))),
@@ -74,8 +79,10 @@ def test_screening_counts_every_kind_and_leaves_the_aggregate_to_the_valid_updat
     assert dict(rejected) == expected and set(rejected) == set(KINDS)
     screened, _ = FedAvg().aggregate_train(1, accepted)
     clean, _ = FedAvg().aggregate_train(1, good)
-    for key, value in clean.to_torch_state_dict().items():
-        torch.testing.assert_close(screened.to_torch_state_dict()[key], value)
-    weights = np.array([1, 2, 3]) / 6  # FedAvg weighs by num-examples
-    manual = sum(w * (SENT[A] + 0.01 * (i + 1)) for i, w in enumerate(weights))
-    torch.testing.assert_close(screened.to_torch_state_dict()[A], manual.float())
+    screened_state, clean_state = adapter_from(screened, SENT), adapter_from(clean, SENT)
+    for key, value in clean_state.items():
+        torch.testing.assert_close(screened_state[key], value)
+    weights = np.array([1, 2, 3]) / 6  # FedAvg weighs by num-examples, element by element of the packed adapter
+    for key in SENT:
+        manual = sum(w * (SENT[key] + 0.01 * (i + 1)) for i, w in enumerate(weights))
+        torch.testing.assert_close(screened_state[key], manual.float())

@@ -1,0 +1,127 @@
+"""A SuperNode that answers within a fraction of a second: Flower's, with shorter waits.
+
+Flower 1.42's SuperNode (``flwr.supernode.start_client_internal``) waits a fixed 3 s after
+every empty pull from the SuperLink, 0.5 s between checks for its ClientApp's reply, and
+1 s (doubling) before it retries an object of a message that the server has not finished
+pushing; its SuperExec waits 1 s between checks for work
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``). In a pipeline whose server sends the next message
+as soon as a reply arrives, the pull right after a reply is empty, so each message pays the
+full 3 s, then often a second for its objects and up to one before its ClientApp starts
+(``experiments/deployment_overhead.py`` measures it).
+
+``elora-fed supernode ARGS`` runs the same SuperNode (every ``flower-supernode`` option)
+with:
+
+- an idle wait that backs off: ``--idle-poll-s`` after a message, doubling on every empty
+  pull up to Flower's 3 s, so an idle node costs the SuperLink what Flower's does, and a
+  busy one is answered at once;
+- replies checked, and a message's missing objects first retried, after ``--reply-poll-s``
+  (the retries then double, as Flower's do);
+- its SuperExec's poll interval ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` set to
+  ``--reply-poll-s`` unless the environment sets it.
+
+The waits are module attributes of Flower 1.42's SuperNode loop; on a Flower whose loop
+differs, the command refuses to start and names the missing piece, rather than running
+with Flower's waits unnoticed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from elora_fed.errors import EloraFedError
+
+FLOWER_IDLE_POLL_S = 3.0
+"""Flower 1.42's fixed wait after an empty pull (``start_client_internal.py``); the backoff's ceiling."""
+
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
+class SuperNodeVersionError(EloraFedError):
+    """The installed Flower's SuperNode loop is not the one these shorter waits were written for."""
+
+
+@dataclass
+class Waits:
+    """The SuperNode loop's ``time`` module, with its sleeps shortened.
+
+    Flower's loop sleeps ``FLOWER_IDLE_POLL_S`` after an empty pull and 0.5 s in its other
+    waits (a reply, an object's content). An idle sleep here is ``idle`` after activity,
+    doubled on every consecutive one up to Flower's; any other is at most ``reply``.
+    """
+
+    idle: float
+    reply: float
+    sleep: Callable[[float], None] = time.sleep
+    _next_idle: float = field(init=False, default=0.0)
+
+    def __post_init__(self) -> None:
+        self._next_idle = self.idle
+
+    def wait(self, seconds: float) -> None:
+        if seconds >= FLOWER_IDLE_POLL_S:
+            self.sleep(self._next_idle)
+            self._next_idle = min(2 * self._next_idle, FLOWER_IDLE_POLL_S)
+        else:
+            self.sleep(min(seconds, self.reply))
+
+    def active(self) -> None:
+        """A message arrived: the next empty pull waits ``idle`` again."""
+        self._next_idle = self.idle
+
+
+def shorten_waits(loop: ModuleType, waits: Waits) -> None:
+    """Make Flower's SuperNode loop ``loop`` sleep through ``waits`` and report activity to it."""
+    needed = ("time", "_push_messages", "pull_objects", "start_client_internal")
+    missing = [name for name in needed if not hasattr(loop, name)]
+    if missing:
+        raise SuperNodeVersionError(
+            f"{loop.__name__} has no {', '.join(missing)}: this Flower's SuperNode loop is not Flower 1.42's; "
+            "run flower-supernode instead"
+        )
+    push, pull = loop._push_messages, loop.pull_objects
+
+    def push_and_reset(*args: Any, **kwargs: Any) -> None:
+        waits.active()
+        push(*args, **kwargs)
+
+    def pull_soon(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("initial_backoff", waits.reply)
+        return pull(*args, **kwargs)
+
+    setattr(loop, "time", _TimeModule(waits))  # noqa: B010 (module attributes, set by name)
+    setattr(loop, "_push_messages", push_and_reset)  # noqa: B010
+    setattr(loop, "pull_objects", pull_soon)  # noqa: B010
+
+
+class _TimeModule:
+    """What ``import time`` gives the loop: ``sleep`` through ``Waits``, the rest unchanged."""
+
+    def __init__(self, waits: Waits) -> None:
+        self._waits = waits
+
+    def sleep(self, seconds: float) -> None:
+        self._waits.wait(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def run(argv: Sequence[str], idle_poll_s: float, reply_poll_s: float) -> None:
+    """``flower-supernode ARGV`` with the shorter waits (blocks until the SuperNode exits)."""
+    if idle_poll_s <= 0 or reply_poll_s <= 0:
+        raise EloraFedError(f"poll intervals must be positive, got idle {idle_poll_s}, reply {reply_poll_s}")
+    from flwr.supernode.cli import flower_supernode
+
+    loop = importlib.import_module("flwr.supernode.start_client_internal")  # the module, not its function
+    shorten_waits(loop, Waits(idle=idle_poll_s, reply=reply_poll_s))
+    os.environ.setdefault(SUPEREXEC_POLL_ENV, str(reply_poll_s))  # the SuperExec child inherits it
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
