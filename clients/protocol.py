@@ -18,6 +18,8 @@ resumed run's saved config alike), so every launcher configures clients the same
   holds the run config as ``config``); ``query.surrogate_losses``: ``surrogate`` (``w``,
   the w_S of the client's subsets) and ``options`` (``single``); reply ``surrogate``
   (``losses``, and ``single``).
+- Adapters travel packed: an ArrayRecord with one flat Array ``adapter``
+  (``clients.records.adapter_record``), unpacked in the layout of ``theta-star``.
 - ``train``: ``arrays`` (the adapter to start from) and ``config`` (local steps, lr, batch
   size, seed, objective ``fit`` or ``boost``; Flower strategies add ``server-round`` and,
   FedProx, ``proximal-mu``); a ``boost`` request also carries the group's ensemble.
