@@ -153,7 +153,8 @@ def test_protocol_decoding_names_what_is_wrong():
     with pytest.raises(DataError, match="'lr' .* is not a number"):
         client_app.train_content(
             request(
-                arrays=adapter_record(theta_star()), config=ConfigRecord({"local-steps": 1, "lr": "fast", "batch-size": 2})
+                arrays=adapter_record(theta_star()),
+                config=ConfigRecord({"local-steps": 1, "lr": "fast", "batch-size": 2}),
             ),
             context(0),
         )
