@@ -35,15 +35,19 @@ ADAPTER_ARRAY = "adapter"
 """The one Array of an adapter's record: its tensors, flattened in sorted key order."""
 
 
-def adapter_record(state: AdapterState) -> ArrayRecord:
-    """``state`` as one flat Array (``ADAPTER_ARRAY``); ValueError if its tensors' dtypes differ."""
+def flat_adapter(state: AdapterState) -> np.ndarray:
+    """``state``'s tensors flattened in sorted key order, as one array; ValueError if their dtypes differ."""
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) != 1:
         raise ValueError(
             f"an adapter packs into one array only if its tensors share a dtype, got {sorted(map(str, dtypes))}"
         )
-    flat = torch.cat([state[k].detach().reshape(-1) for k in sorted(state)])
-    return ArrayRecord({ADAPTER_ARRAY: Array(flat.cpu().numpy())})
+    return torch.cat([state[k].detach().reshape(-1) for k in sorted(state)]).cpu().numpy()
+
+
+def adapter_record(state: AdapterState) -> ArrayRecord:
+    """``state`` as one flat Array (``ADAPTER_ARRAY``): what travels in place of its tensors."""
+    return ArrayRecord({ADAPTER_ARRAY: Array(flat_adapter(state))})
 
 
 def adapter_from(record: ArrayRecord, like: AdapterState, name: str = "adapter") -> AdapterState:

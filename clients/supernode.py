@@ -50,7 +50,7 @@ class SuperNodeVersionError(EloraFedError):
 
 @dataclass
 class Waits:
-    """The SuperNode loop's ``time`` module, with its sleeps shortened.
+    """How long the SuperNode loop really sleeps when it asks to (``_TimeModule`` routes its sleeps here).
 
     Flower's loop sleeps ``FLOWER_IDLE_POLL_S`` after an empty pull and 0.5 s in its other
     waits (a reply, an object's content). An idle sleep here is ``idle`` after activity,

@@ -5,9 +5,9 @@ pipeline three times with SmolLM2 (the default model) (``MODES``): as Flower 1.4
 ClientApp, a fresh ``flwr-clientapp`` process per message that loads the model stack and
 the base model; with one model holder per node (``clients.model_holder``), which loads
 them once; and with the holder behind ``elora-fed supernode`` (``clients.supernode``),
-Flower's SuperNode with waits of a fraction of a second. One node serves one client (one group: ``OneGroup``), so its messages run one
-at a time and each exchange's wall time is the sum of its messages' latencies, whatever
-else shares the CPU. Per exchange of M messages:
+Flower's SuperNode with waits of a fraction of a second. One node serves one client (one
+group: ``OneGroup``), so its messages run one at a time and each exchange's wall time is
+the sum of its messages' latencies, whatever else shares the CPU. Per exchange of M messages:
 
 - compute: the client's handler time minus the time it spent loading (``load-s``): the
   model work itself, the same in every mode;

@@ -1,10 +1,10 @@
 """Screening client updates before they reach an aggregation strategy.
 
 A training reply is accepted only if it is what the server asked for: a payload within
-``federation.max_payload_mb``, a positive finite ``num-examples``, exactly the adapter's
-one flat Array in the ArrayRecord ``arrays`` (``clients.records.adapter_record``) with
-the sent adapter's dtype and size, finite values, and a change of the adapter whose L2 norm is at most
-``federation.max_update_norm``. Anything else is rejected under the first rule it breaks
+``federation.max_payload_mb``, a positive finite ``num-examples``, the adapter as one flat
+Array in the ArrayRecord ``arrays`` (``clients.records.adapter_record``) with the sent
+adapter's dtype and size, finite values, and a change of the adapter whose L2 norm is at
+most ``federation.max_update_norm``. Anything else is rejected under the first rule it breaks
 (``KINDS``), counted, and never passed to the strategy, so it cannot touch a global
 adapter. Flower's own strategies assume well-formed replies; this is where they get them.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
-from clients.records import ADAPTER_ARRAY, adapter_record
+from clients.records import ADAPTER_ARRAY, flat_adapter
 from elora_fed.config import FederationConfig
 from elora_fed.ensemble import AdapterState
 from strategies.messaging import content_bytes
@@ -42,11 +42,7 @@ class UpdateLimits:
 
 def rejection(reply: Message, sent: AdapterState, limits: UpdateLimits) -> str | None:
     """The first rule of ``KINDS`` that ``reply`` breaks as an update of ``sent``, or None if it is valid."""
-    return _rejection(reply, _reference(sent), limits)
-
-
-def _reference(sent: AdapterState) -> np.ndarray:
-    return adapter_record(sent)[ADAPTER_ARRAY].numpy()
+    return _rejection(reply, flat_adapter(sent), limits)
 
 
 def _rejection(reply: Message, reference: np.ndarray, limits: UpdateLimits) -> str | None:
@@ -81,7 +77,7 @@ def screen(replies: Sequence[Message], sent: AdapterState, limits: UpdateLimits)
     """The valid replies, in order, and the number rejected per kind."""
     accepted: list[Message] = []
     rejected: Counter[str] = Counter()
-    reference = _reference(sent)  # once per screen, not once per reply
+    reference = flat_adapter(sent)  # once per screen, not once per reply
     for reply in replies:
         kind = _rejection(reply, reference, limits)
         if kind is None:
