@@ -28,11 +28,8 @@ from clients.secure import (
     surrogate_losses_content,
 )
 from elora_fed.accounting import base_parameter_count
-from elora_fed.adapters import adapter_state, load_adapter_state
-from elora_fed.affinity_modes import affinity_mode
-from elora_fed.batches import Batch
-from elora_fed.client_sketch import ClientSketch, sketch_client, sketch_setup
-from elora_fed.ensemble import (
+from elora_fed.data.lm_samples import LMSamples
+from elora_fed.ensemble.outputs import (
     GroupAdapters,
     adapter_outputs,
     combine,
@@ -43,11 +40,14 @@ from elora_fed.ensemble import (
     ridge_statistics,
 )
 from elora_fed.errors import DataError
-from elora_fed.lm_samples import LMSamples
+from elora_fed.model.adapters import adapter_state, load_adapter_state
+from elora_fed.model.batches import Batch
+from elora_fed.model.training import Objective, boost_objective, target_log_loss, train_adapter
 from elora_fed.seeds import derive_seed
-from elora_fed.sketch import gradient_dim, sketch_batches
-from elora_fed.statistics import ClientStatistics
-from elora_fed.training import Objective, boost_objective, target_log_loss, train_adapter
+from elora_fed.sketch.client_sketch import ClientSketch, sketch_client, sketch_setup
+from elora_fed.sketch.gradients import gradient_dim, sketch_batches
+from elora_fed.surrogate.affinity_modes import affinity_mode
+from elora_fed.surrogate.statistics import ClientStatistics
 
 transformers.utils.logging.disable_progress_bar()  # one bar per worker process and message is noise
 transformers.utils.logging.set_verbosity_error()
@@ -77,10 +77,10 @@ def sketch_content(content: RecordDict, context: Context) -> RecordDict:
     """This client's sketch: b and projected gradients of its train and validation samples.
 
     In private mode (``affinity.mode = "private"``) only its additive statistics leave the
-    client instead (``elora_fed.statistics.ClientStatistics``), never per-sample features.
+    client instead (``elora_fed.surrogate.statistics.ClientStatistics``), never per-sample features.
     The model, adapter seed and projection seed come from the run config, which the server
     and every client share; only the seeds define theta* and P. With ``privacy`` on, both
-    are clipped and noised here, before anything is sent (``elora_fed.privacy``).
+    are clipped and noised here, before anything is sent (``elora_fed.privacy.mechanism``).
     """
     node = node_for(content, context)
     mode = affinity_mode(node.config)
@@ -187,7 +187,7 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     With ``fit-weights`` the weights are learned here first, on this same split (the server
     sends the validation split for that), and returned. The reply also holds each group's
     own loss and accuracy, and with ``with-base`` those of theta* (no training). Accuracy is
-    top-1 (``elora_fed.ensemble``); the combination's is sent only for given weights.
+    top-1 (``elora_fed.ensemble.outputs``); the combination's is sent only for given weights.
     """
     node = node_for(content, context)
     with node.compute():

@@ -21,17 +21,17 @@ from transformers import PreTrainedTokenizerBase
 
 from clients.protocol import Metrics, number, run_config
 from elora_fed.accounting import TokenCounter
-from elora_fed.adapters import adapter_state, attach_lora
-from elora_fed.batches import Batch, client_batches
-from elora_fed.classification import ClassificationSamples
-from elora_fed.compute import compute_context
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
-from elora_fed.ensemble import (
+from elora_fed.data.classification import ClassificationSamples
+from elora_fed.data.federated_data import load_clients
+from elora_fed.data.lm_samples import LMSamples
+from elora_fed.ensemble.outputs import (
     AdapterState,
 )
 from elora_fed.errors import DataError
-from elora_fed.federated_data import load_clients
-from elora_fed.lm_samples import LMSamples
+from elora_fed.model.adapters import adapter_state, attach_lora
+from elora_fed.model.batches import Batch, client_batches
+from elora_fed.model.compute import compute_context
 
 Samples = LMSamples | ClassificationSamples
 
@@ -50,7 +50,7 @@ def _loading() -> Iterator[None]:
 
 @lru_cache(maxsize=1)
 def cached_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
-    from elora_fed.models import load_tokenizer
+    from elora_fed.model.models import load_tokenizer
 
     with _loading():
         return load_tokenizer(model)
@@ -69,7 +69,7 @@ _COUNTER = TokenCounter()  # counts every forward and backward pass of this proc
 @lru_cache(maxsize=1)
 def adapted_model(model: ModelConfig, adapter: AdapterConfig) -> tuple[torch.nn.Module, AdapterState]:
     """The base model with its seeded adapter, loaded once per process, and theta*."""
-    from elora_fed.models import load_base_model
+    from elora_fed.model.models import load_base_model
 
     with _loading():
         peft_model = attach_lora(load_base_model(model), adapter)

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from elora_fed.client_sketch import ClientSketch, SketchMetadata
-from elora_fed.ensemble import AdapterState, GroupAdapters
+from elora_fed.ensemble.outputs import AdapterState, GroupAdapters
 from elora_fed.errors import DataError
-from elora_fed.statistics import ClientStatistics, statistics_arrays, statistics_from_arrays
+from elora_fed.sketch.client_sketch import ClientSketch, SketchMetadata
+from elora_fed.surrogate.statistics import ClientStatistics, statistics_arrays, statistics_from_arrays
 
 _MEMBER = re.compile(r"group\.(\d+)\.(base|boost\.(\d+))")
 
@@ -149,7 +149,7 @@ def sketch_from_record(content: RecordDict) -> ClientSketch:
 
 
 def release_to_record(client_id: str, release: ClientSketch | ClientStatistics) -> RecordDict:
-    """A sketch-phase reply carrying an affinity mode's release (``elora_fed.affinity_modes``)."""
+    """A sketch-phase reply carrying an affinity mode's release (``elora_fed.surrogate.affinity_modes``)."""
     if isinstance(release, ClientSketch):
         return sketch_to_record(release)
     return statistics_to_record(client_id, release)

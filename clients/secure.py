@@ -1,6 +1,6 @@
 """The client side of the secure affinity mode (``affinity.mode = "secure"``): SecAgg+ rounds and surrogate losses.
 
-- The statistics: this client's released private-mode statistics (``elora_fed.privacy``:
+- The statistics: this client's released private-mode statistics (``elora_fed.privacy.mechanism``:
   noised if ``privacy`` is on), computed once per run (``StatisticsCache``: kept by the
   process and in the node's context state): the sketch phase computes them, and every
   SecAgg+ round of a subset holding this client and the loss query reuse them.
@@ -38,8 +38,13 @@ from flwr.compat.common import recorddict_compat as compat
 from clients.protocol import run_config
 from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
-from elora_fed.quadratic_sums import quadratic_losses, solve_subsets_private, stack_statistics
-from elora_fed.statistics import ClientStatistics, aggregation_vector, statistics_arrays, statistics_from_arrays
+from elora_fed.surrogate.quadratic_sums import quadratic_losses, solve_subsets_private, stack_statistics
+from elora_fed.surrogate.statistics import (
+    ClientStatistics,
+    aggregation_vector,
+    statistics_arrays,
+    statistics_from_arrays,
+)
 
 Statistics = Callable[[RecordDict, Context], tuple[str, ClientStatistics, int]]
 """(request with the run config, context) -> (client id, statistics, rows projected to compute them now: 0 if cached)."""

@@ -20,9 +20,9 @@ from typing import Any
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from elora_fed.adapters import AdapterState
-from elora_fed.ensemble import GroupAdapters
+from elora_fed.ensemble.outputs import GroupAdapters
 from elora_fed.errors import DataError
+from elora_fed.model.adapters import AdapterState
 from elora_fed.paths import atomic_directory
 from elora_fed.run_dir import adapter_name, write_json
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import transformers
 
-from elora_fed import bigbench, shakespeare
 from elora_fed.config import PRESETS, RunConfig, load_config, parse_override
+from elora_fed.data import bigbench, shakespeare
 from elora_fed.errors import EloraFedError
 
 
@@ -145,14 +145,14 @@ def _fetch_data(args: argparse.Namespace) -> None:
 
 
 def _convert_model(args: argparse.Namespace) -> None:
-    from elora_fed.models import convert_gguf
+    from elora_fed.model.models import convert_gguf
 
     print(f"converted into {convert_gguf(args.gguf, args.out)}")
 
 
 def _data_stats(args: argparse.Namespace) -> None:
-    from elora_fed.federated_data import classification_stats, load_classification_clients, load_lm_clients
-    from elora_fed.models import load_tokenizer
+    from elora_fed.data.federated_data import classification_stats, load_classification_clients, load_lm_clients
+    from elora_fed.model.models import load_tokenizer
 
     config = _config(args)
     tokenizer = load_tokenizer(config.model)
@@ -164,7 +164,7 @@ def _data_stats(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from elora_fed.inference import load_ensemble
+    from elora_fed.ensemble.inference import load_ensemble
 
     ensemble = load_ensemble(args.run_dir)
     if args.generate:

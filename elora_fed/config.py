@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar, get_type_hints
 
-from elora_fed.bigbench import JSONL_NAME as BIGBENCH_JSONL
-from elora_fed.bigbench import default_dir as bigbench_dir
+from elora_fed.data.bigbench import JSONL_NAME as BIGBENCH_JSONL
+from elora_fed.data.bigbench import default_dir as bigbench_dir
 from elora_fed.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "nf4")
@@ -46,7 +46,7 @@ class ModelConfig(Section):
     Hugging Face model directory, or a hub id (needs a hub or a filled HF cache).
     ``precision`` is how the frozen weights are stored, ``compute_dtype`` the arithmetic of
     every pass over them: ``bf16`` autocast, ``fp32``, or ``auto`` (bf16 for an fp32 or nf4
-    model on hardware with native bf16 matmuls; ``elora_fed.compute``).
+    model on hardware with native bf16 matmuls; ``elora_fed.model.compute``).
     """
 
     name: str = "smollm2-135m-instruct"
@@ -144,7 +144,7 @@ class DataConfig(Section):
 
 @dataclass(frozen=True)
 class SketchConfig(Section):
-    """The projected-gradient features (``elora_fed.sketch``).
+    """The projected-gradient features (``elora_fed.sketch.gradients``).
 
     ``dim`` is d, the sketch dimension; ``projection`` is ``rademacher`` (entries
     +-1/sqrt(d), bit-identical on every device) or ``gaussian`` (N(0, 1/d)); ``seed`` fixes
@@ -169,13 +169,13 @@ class SketchConfig(Section):
 
 @dataclass(frozen=True)
 class AffinityConfig(Section):
-    """Task affinity from the sketches (``elora_fed.affinity``).
+    """Task affinity from the sketches (``elora_fed.surrogate.affinity``).
 
     ``mode`` is ``exact`` (surrogate fine-tuning on the clients' features), ``private``
     (only additive per-client statistics), ``secure`` (the private mode through secure
     aggregation: the server sees only sums over subsets, ``secagg``),
     ``gradient-cosine`` (the baseline), or a user's mode class, ``module:Class`` or
-    ``path/file.py:Class`` (``elora_fed.affinity_modes``: what clients release, and the
+    ``path/file.py:Class`` (``elora_fed.surrogate.affinity_modes``: what clients release, and the
     estimate from it). ``lam`` is the surrogate's L2 strength, calibrated
     against real fine-tuning (``experiments/estimation_error.py`` reports its choice).
     ``num_subsets`` random subsets of ``subset_size`` clients are solved, plus greedy ones
@@ -192,7 +192,7 @@ class AffinityConfig(Section):
     offsets: str = "keep"
 
     def validate(self) -> None:
-        if ":" in self.mode:  # a user's mode class (``elora_fed.affinity_modes``)
+        if ":" in self.mode:  # a user's mode class (``elora_fed.surrogate.affinity_modes``)
             _check_dotted_path("affinity.mode", self.mode)
         else:
             _check_choice("affinity.mode", self.mode, AFFINITY_MODES)
@@ -204,12 +204,12 @@ class AffinityConfig(Section):
 
 @dataclass(frozen=True)
 class ClusteringConfig(Section):
-    """Grouping clients by affinity (``elora_fed.clustering``).
+    """Grouping clients by affinity (``elora_fed.grouping.clustering``).
 
     ``method``: ``fast`` (low-rank Burer-Monteiro relaxation), ``sdp`` (cvxpy, with
     ``solver`` SCS or CLARABEL) or ``spectral`` (the baseline). ``num_groups = 0`` chooses
     m automatically by excess density: the average within-cluster density above what random
-    groups of the same sizes score (``elora_fed.clustering.choose_num_groups``; not with
+    groups of the same sizes score (``elora_fed.grouping.clustering.choose_num_groups``; not with
     ``spectral``).
     """
 
@@ -385,7 +385,7 @@ class StrategiesConfig(Section):
 
 @dataclass(frozen=True)
 class PrivacyConfig(Section):
-    """Optional differential privacy of the sketch phase (``elora_fed.privacy``).
+    """Optional differential privacy of the sketch phase (``elora_fed.privacy.mechanism``).
 
     ``noise_multiplier`` z > 0 makes every client clip its projected gradient rows to L2
     norm ``clip_norm`` C (and, in exact mode, its base outputs to [-``output_bound``,
@@ -586,7 +586,7 @@ def _check_dotted_path(key: str, value: str) -> None:
 
 
 AFFINITY_MODES = ("exact", "private", "secure", "gradient-cosine")
-"""The built-in ``affinity.mode``s (``elora_fed.affinity_modes.BUILT_IN``)."""
+"""The built-in ``affinity.mode``s (``elora_fed.surrogate.affinity_modes.BUILT_IN``)."""
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

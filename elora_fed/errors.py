@@ -25,5 +25,5 @@ class ZeroGradientError(EloraFedError):
     """A backward pass at a finite loss gave exactly zero for every trainable gradient.
 
     Training on it would silently learn nothing; the usual cause is a base-model kernel
-    without an autograd formula (``elora_fed.models.keep_4bit_layers_differentiable``).
+    without an autograd formula (``elora_fed.model.models.keep_4bit_layers_differentiable``).
     """

@@ -21,19 +21,19 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from elora_fed.adapters import attach_lora
-from elora_fed.affinity_modes import affinity_mode
-from elora_fed.client_sketch import load_sketches, sketch_client, sketch_setup
-from elora_fed.clustering import cluster_clients, groups_record
-from elora_fed.compute import compute_context
 from elora_fed.config import ModelConfig, RunConfig
-from elora_fed.evaluation import mean_token_loss
-from elora_fed.federated_data import load_clients, load_lm_clients
-from elora_fed.models import TINY_MODEL, load_base_model, load_tokenizer
-from elora_fed.partitions import average_density
+from elora_fed.data.federated_data import load_clients, load_lm_clients
+from elora_fed.data.splits import SPLITS
+from elora_fed.grouping.clustering import cluster_clients, groups_record
+from elora_fed.grouping.partitions import average_density
+from elora_fed.model.adapters import attach_lora
+from elora_fed.model.compute import compute_context
+from elora_fed.model.evaluation import mean_token_loss
+from elora_fed.model.models import TINY_MODEL, load_base_model, load_tokenizer
 from elora_fed.plots import affinity_heatmap
 from elora_fed.run_dir import create_run_dir, write_json
-from elora_fed.splits import SPLITS
+from elora_fed.sketch.client_sketch import load_sketches, sketch_client, sketch_setup
+from elora_fed.surrogate.affinity_modes import affinity_mode
 
 
 def _console() -> Console:

@@ -42,7 +42,7 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 # A pipeline run's adapters, as peft directories under ``adapters/``: written by
-# ``strategies.pipeline``, read back by ``elora_fed.inference``.
+# ``strategies.pipeline``, read back by ``elora_fed.ensemble.inference``.
 _BOOST_ADAPTER = re.compile(r"group-(\d+)-boost-(\d+)")
 
 

@@ -3,7 +3,7 @@
 For every run directory given (``runs/converged/ensemble-seed*/pipeline-*`` of
 ``experiments/shakespeare_converged.py``):
 - ``offset_variance_share``: how much of the affinity's off-diagonal variance per-client
-  main effects explain (``elora_fed.affinity.offset_variance_share``);
+  main effects explain (``elora_fed.surrogate.affinity.offset_variance_share``);
 - ``ari_vs_plays``: the adjusted Rand index of the run's groups against the clients' plays,
   and of the groups the same clustering finds on the affinity without offsets
   (``ari_vs_plays_without_offsets``), with their agreement (``ari_with_without_offsets``);
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from elora_fed.affinity import offset_variance_share, remove_offsets
-from elora_fed.clustering import cluster
-from elora_fed.partitions import adjusted_rand_index, canonical_labels
+from elora_fed.grouping.clustering import cluster
+from elora_fed.grouping.partitions import adjusted_rand_index, canonical_labels
+from elora_fed.surrogate.affinity import offset_variance_share, remove_offsets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from converged import Experiment, Run, main
 
-from elora_fed.classification import cap_samples, load_classification_tasks
 from elora_fed.config import PRESETS, RunConfig
+from elora_fed.data.classification import cap_samples, load_classification_tasks
 
 
 def majority_accuracy(protocol: dict[str, Any]) -> dict[str, float]:

@@ -15,7 +15,7 @@ The headline ``speedup_vs_scs`` and ``objective_gap`` are those of the first noi
 main instance: groups the SDP recovers); ``worst_over_noise_levels`` gives the smallest
 speed-up and the largest gap over all levels. The second default level is a stress case
 where the SDP optimum is fractional: there the fast solver's <T, Z> is lower by construction
-(its Z is completely positive, see ``elora_fed.clustering``).
+(its Z is completely positive, see ``elora_fed.grouping.clustering``).
 
 BLAS runs on one thread (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS default to 1, recorded):
 on a shared machine, multi-threaded BLAS spends most of its time waiting for descheduled
@@ -44,9 +44,9 @@ import numpy as np
 import scs
 import torch
 
-from elora_fed.clustering import choose_num_groups, fast_relaxation, round_partition, sdp_relaxation
-from elora_fed.partitions import adjusted_rand_index, average_density, planted_affinity
-from elora_fed.spectral import spectral_clustering
+from elora_fed.grouping.clustering import choose_num_groups, fast_relaxation, round_partition, sdp_relaxation
+from elora_fed.grouping.partitions import adjusted_rand_index, average_density, planted_affinity
+from elora_fed.grouping.spectral import spectral_clustering
 
 RESULTS = Path(__file__).parent / "results"
 

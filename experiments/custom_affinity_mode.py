@@ -1,6 +1,6 @@
 """A worked example of a user's affinity mode: each client releases one vector, its mean gradient.
 
-An affinity mode (``elora_fed/affinity_modes.py``) owns both what a client sends in the
+An affinity mode (``elora_fed/surrogate/affinity_modes.py``) owns both what a client sends in the
 sketch phase and how the server turns the releases into an affinity. This one sends d
 numbers per client, where exact mode sends d + 1 per sample: the client's mean train loss
 gradient in sketch space. The server's affinity is the cosine of those vectors, which is
@@ -21,16 +21,16 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from elora_fed.affinity import cosine_affinity, mean_train_gradient
-from elora_fed.affinity_modes import sketches_only
-from elora_fed.client_sketch import ClientSketch
 from elora_fed.config import RunConfig
+from elora_fed.data.splits import SPLITS
 from elora_fed.errors import ConfigError
-from elora_fed.privacy import NoisedPart
-from elora_fed.quadratic_sums import SubsetSums
-from elora_fed.splits import SPLITS
-from elora_fed.statistics import ClientStatistics
-from elora_fed.task_features import task_features
+from elora_fed.privacy.mechanism import NoisedPart
+from elora_fed.sketch.client_sketch import ClientSketch
+from elora_fed.surrogate.affinity import cosine_affinity, mean_train_gradient
+from elora_fed.surrogate.affinity_modes import sketches_only
+from elora_fed.surrogate.quadratic_sums import SubsetSums
+from elora_fed.surrogate.statistics import ClientStatistics
+from elora_fed.surrogate.task_features import task_features
 
 
 class MeanGradientMode:

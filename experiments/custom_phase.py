@@ -24,7 +24,7 @@ import shutil
 
 import numpy as np
 
-from elora_fed.ensemble import GroupAdapters
+from elora_fed.ensemble.outputs import GroupAdapters
 from elora_fed.run_dir import adapter_dir, adapter_name, write_json
 from strategies.evaluation import evaluate
 from strategies.federation import Federation

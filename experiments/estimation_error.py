@@ -4,7 +4,7 @@ Setup: SmolLM2-135M (fp32), LoRA r = 4 on q, v, the 20 largest Shakespeare roles
 samples, at most 40 per role), random subsets of 3 to 5 roles. For every subset S an adapter
 is really fine-tuned from theta* on the union of its roles' training samples for a fixed
 number of Adam steps, and each member's validation loss log(1 + exp(-h)) is measured. The
-surrogate (``elora_fed.subset_solver``) estimates the same losses from the sketches alone, at
+surrogate (``elora_fed.surrogate.subset_solver``) estimates the same losses from the sketches alone, at
 d = 200, 400 and 800. lambda is calibrated on separate calibration subsets (reported).
 
 Reported per d: the mean relative error |f^ - f| / f over every (subset, member) pair, the
@@ -30,17 +30,17 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
-from elora_fed.batches import Batch, lm_batch
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig
-from elora_fed.federated_data import load_lm_clients
-from elora_fed.lambda_calibration import calibrate_lambda, calibration_errors
-from elora_fed.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
-from elora_fed.projection import JLProjector
-from elora_fed.sketch import gradient_dim, per_sample_gradients
-from elora_fed.subset_solver import solve_subsets
-from elora_fed.task_features import TaskFeatures
-from elora_fed.training import evaluate_log_loss, train_adapter
+from elora_fed.data.federated_data import load_lm_clients
+from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.model.batches import Batch, lm_batch
+from elora_fed.model.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
+from elora_fed.model.training import evaluate_log_loss, train_adapter
+from elora_fed.sketch.gradients import gradient_dim, per_sample_gradients
+from elora_fed.sketch.projection import JLProjector
+from elora_fed.surrogate.lambda_calibration import calibrate_lambda, calibration_errors
+from elora_fed.surrogate.subset_solver import solve_subsets
+from elora_fed.surrogate.task_features import TaskFeatures
 
 RESULTS = Path(__file__).parent / "results"
 ADAPTER = AdapterConfig(rank=4, alpha=8, target_modules="q_proj,v_proj", seed=0)

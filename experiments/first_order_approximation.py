@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elora_fed.adapters import attach_lora
-from elora_fed.batches import lm_batch
 from elora_fed.config import AdapterConfig, DataConfig, ModelConfig
-from elora_fed.federated_data import load_lm_clients
-from elora_fed.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
-from elora_fed.sketch import gradient_parameters, per_sample_gradients
+from elora_fed.data.federated_data import load_lm_clients
+from elora_fed.model.adapters import attach_lora
+from elora_fed.model.batches import lm_batch
+from elora_fed.model.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
+from elora_fed.sketch.gradients import gradient_parameters, per_sample_gradients
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = (0.0005, 0.0010, 0.0015, 0.0020, 0.0025)

@@ -2,7 +2,7 @@
 
 For a finished pipeline run, every group's output on every client's train and validation
 samples two ways: real (the model run with the group's adapters, per-sample mean h) and
-first order from the run's own sketches, b + g~ . P^T (B - B*) (``elora_fed.first_order``),
+first order from the run's own sketches, b + g~ . P^T (B - B*) (``elora_fed.sketch.first_order``),
 with no model pass. Reported:
 
 - the error of h per sample, and of its change from theta* (relative norm, correlation),
@@ -28,17 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
-from elora_fed.batches import client_batches
 from elora_fed.checkpoint import Checkpoint, group_ensembles
-from elora_fed.client_sketch import load_sketches, sketch_setup
-from elora_fed.compute import compute_context, resolve_compute_dtype
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import AdapterState, GroupAdapters, Outputs, combine, fit_weights, group_outputs
-from elora_fed.federated_data import load_clients
-from elora_fed.first_order import first_order_outputs, group_direction
-from elora_fed.models import load_base_model, load_tokenizer
-from elora_fed.sketch import per_sample_gradients
+from elora_fed.data.federated_data import load_clients
+from elora_fed.ensemble.outputs import AdapterState, GroupAdapters, Outputs, combine, fit_weights, group_outputs
+from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.model.batches import client_batches
+from elora_fed.model.compute import compute_context, resolve_compute_dtype
+from elora_fed.model.models import load_base_model, load_tokenizer
+from elora_fed.sketch.client_sketch import load_sketches, sketch_setup
+from elora_fed.sketch.first_order import first_order_outputs, group_direction
+from elora_fed.sketch.gradients import per_sample_gradients
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from elora_fed.affinity import affinity_from_features, gradient_cosine_affinity
-from elora_fed.client_sketch import load_sketches
-from elora_fed.clustering import cluster
 from elora_fed.config import load_config
+from elora_fed.grouping.clustering import cluster
+from elora_fed.grouping.partitions import adjusted_rand_index
 from elora_fed.jobs import run_sketch
-from elora_fed.partitions import adjusted_rand_index
-from elora_fed.task_features import task_features
+from elora_fed.sketch.client_sketch import load_sketches
+from elora_fed.surrogate.affinity import affinity_from_features, gradient_cosine_affinity
+from elora_fed.surrogate.task_features import task_features
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -1,4 +1,4 @@
-"""Throughput of the batched surrogate solver (``elora_fed.subset_solver``): many subsets, one CPU.
+"""Throughput of the batched surrogate solver (``elora_fed.surrogate.subset_solver``): many subsets, one CPU.
 
 Target (issue): 2000 subsets of 10 clients out of 500, d = 400, solved on 2 CPU cores in
 <= 60 s. Synthetic features shaped like real sketches: 20-80 train rows per client (and
@@ -30,12 +30,12 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from elora_fed.affinity import sample_subsets
-from elora_fed.quadratic_sums import solve_subsets_private
-from elora_fed.statistics import ClientStatistics, client_statistics
-from elora_fed.subset_batches import SubsetEstimates
-from elora_fed.subset_solver import solve_subsets
-from elora_fed.task_features import TaskFeatures
+from elora_fed.surrogate.affinity import sample_subsets
+from elora_fed.surrogate.quadratic_sums import solve_subsets_private
+from elora_fed.surrogate.statistics import ClientStatistics, client_statistics
+from elora_fed.surrogate.subset_batches import SubsetEstimates
+from elora_fed.surrogate.subset_solver import solve_subsets
+from elora_fed.surrogate.task_features import TaskFeatures
 
 RESULTS = Path(__file__).parent / "results"
 Result = TypeVar("Result")

@@ -43,16 +43,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
-from elora_fed.batches import Batch, client_batches
-from elora_fed.client_sketch import sketch_setup
-from elora_fed.compute import compute_context, resolve_compute_dtype
 from elora_fed.config import ModelConfig, RunConfig, load_config
-from elora_fed.ensemble import adapter_outputs
-from elora_fed.federated_data import load_clients
-from elora_fed.models import load_base_model, load_tokenizer
-from elora_fed.sketch import sketch_batches
-from elora_fed.training import target_log_loss, train_adapter
+from elora_fed.data.federated_data import load_clients
+from elora_fed.ensemble.outputs import adapter_outputs
+from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.model.batches import Batch, client_batches
+from elora_fed.model.compute import compute_context, resolve_compute_dtype
+from elora_fed.model.models import load_base_model, load_tokenizer
+from elora_fed.model.training import target_log_loss, train_adapter
+from elora_fed.sketch.client_sketch import sketch_setup
+from elora_fed.sketch.gradients import sketch_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -70,7 +70,7 @@ PASS_SAMPLES = 48
 
 
 def autocast(dtype: str) -> contextlib.AbstractContextManager[object]:
-    """The pipeline's own compute context (``elora_fed.compute``) for ``dtype``."""
+    """The pipeline's own compute context (``elora_fed.model.compute``) for ``dtype``."""
     return compute_context(ModelConfig(compute_dtype=dtype, device="cpu"))
 
 

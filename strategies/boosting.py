@@ -21,13 +21,13 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.protocol import number
 from clients.records import ensemble_records
-from elora_fed.adapters import save_peft_adapter
-from elora_fed.affinity_modes import affinity_mode
-from elora_fed.client_sketch import ClientSketch, load_sketches
-from elora_fed.ensemble import AdapterState, GroupAdapters, lift, ridge_fit, ridge_statistics
+from elora_fed.ensemble.outputs import AdapterState, GroupAdapters, lift, ridge_fit, ridge_statistics
 from elora_fed.errors import DataError
-from elora_fed.projection import JLProjector
+from elora_fed.model.adapters import save_peft_adapter
 from elora_fed.run_dir import adapter_dir, adapter_name
+from elora_fed.sketch.client_sketch import ClientSketch, load_sketches
+from elora_fed.sketch.projection import JLProjector
+from elora_fed.surrogate.affinity_modes import affinity_mode
 from strategies.federation import Federation
 from strategies.messaging import Exchange, console, exchange_metrics
 from strategies.phase import Request, Steps

@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.protocol import number
 from clients.records import ensemble_records
-from elora_fed.ensemble import GroupAdapters
+from elora_fed.ensemble.outputs import GroupAdapters
 from elora_fed.errors import ConfigError, DataError
 from elora_fed.plugins import load_class
 from elora_fed.run_dir import write_json

@@ -23,7 +23,7 @@ from flwr.supercore.run import Run
 from clients.protocol import MODEL_SIZE_KEYS, number, run_record
 from elora_fed.accounting import ModelSize
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import AdapterState
+from elora_fed.ensemble.outputs import AdapterState
 from elora_fed.errors import DataError
 from strategies.ledger import Ledger
 from strategies.messaging import Exchange, console, exchange

@@ -19,17 +19,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from elora_fed.affinity import remove_offsets
-from elora_fed.affinity_modes import Collected, affinity_mode
-from elora_fed.client_sketch import ClientSketch, load_sketches
-from elora_fed.clustering import cluster_clients, groups_record
 from elora_fed.config import RunConfig
 from elora_fed.errors import DataError
-from elora_fed.partitions import canonical_labels
+from elora_fed.grouping.clustering import cluster_clients, groups_record
+from elora_fed.grouping.partitions import canonical_labels
 from elora_fed.plots import affinity_heatmap
 from elora_fed.plugins import load_class
 from elora_fed.run_dir import write_json
-from elora_fed.statistics import ClientStatistics, load_statistics
+from elora_fed.sketch.client_sketch import ClientSketch, load_sketches
+from elora_fed.surrogate.affinity import remove_offsets
+from elora_fed.surrogate.affinity_modes import Collected, affinity_mode
+from elora_fed.surrogate.statistics import ClientStatistics, load_statistics
 from strategies.federation import Federation
 from strategies.messaging import console
 from strategies.phase import Steps

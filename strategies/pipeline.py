@@ -28,12 +28,12 @@ from pathlib import Path
 
 from flwr.serverapp import Grid
 
-from elora_fed.affinity_modes import affinity_mode
 from elora_fed.config import DataConfig, ModelConfig, RunConfig
 from elora_fed.errors import DataError
 from elora_fed.plugins import load_class
-from elora_fed.privacy import describe, privacy_report
+from elora_fed.privacy.mechanism import describe, privacy_report
 from elora_fed.run_dir import write_json
+from elora_fed.surrogate.affinity_modes import affinity_mode
 from strategies.federation import discover, wait_for_nodes
 from strategies.ledger import Ledger
 from strategies.messaging import console
@@ -101,7 +101,7 @@ def _run_phases(grid: Grid, run: RunState) -> None:
 @functools.lru_cache(maxsize=4)
 def count_clients(data: DataConfig, model: ModelConfig) -> int:
     """How many clients the data config selects (loaded once per process: the CLI and the server share it)."""
-    from elora_fed.federated_data import load_clients
-    from elora_fed.models import load_tokenizer
+    from elora_fed.data.federated_data import load_clients
+    from elora_fed.model.models import load_tokenizer
 
     return len(load_clients(data, load_tokenizer(model)))

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
-from elora_fed.privacy import markdown_lines
+from elora_fed.privacy.mechanism import markdown_lines
 from strategies.evaluation import client_mean
 from strategies.messaging import console
 from strategies.run_state import RunState

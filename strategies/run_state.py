@@ -14,7 +14,7 @@ from typing import Any
 
 from elora_fed.checkpoint import Checkpoint, Snapshot, group_ensembles
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import GroupAdapters
+from elora_fed.ensemble.outputs import GroupAdapters
 from elora_fed.run_dir import create_run_dir, saved_config
 from strategies.messaging import console
 

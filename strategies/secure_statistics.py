@@ -7,7 +7,7 @@ round of secure aggregation per subset, among the subset's clients, and never se
 client's statistics; each member evaluates its own validation loss at the w_S the server
 sends (``query.surrogate_losses``), and its single-task estimate from its own statistics
 (a secure sum over one client would hide nothing). ``SecureStatistics`` plugs that into
-the same solver as the private mode (``elora_fed.affinity.affinity_from_subset_sums``),
+the same solver as the private mode (``elora_fed.surrogate.affinity.affinity_from_subset_sums``),
 so the two modes differ only by SecAgg+'s quantization (``secagg.*``).
 
 Driving Flower 1.42's SecAgg+ from this ServerApp. ``flwr.server.workflow.SecAggPlusWorkflow``
@@ -69,9 +69,9 @@ from flwr.serverapp import Grid
 
 from clients.protocol import run_record
 from elora_fed.errors import DataError
-from elora_fed.quadratic_sums import SubsetSums, stack_statistics
-from elora_fed.statistics import SplitStatistics, statistics_from_aggregate
-from elora_fed.subset_batches import SubsetEstimates
+from elora_fed.surrogate.quadratic_sums import SubsetSums, stack_statistics
+from elora_fed.surrogate.statistics import SplitStatistics, statistics_from_aggregate
+from elora_fed.surrogate.subset_batches import SubsetEstimates
 from strategies.federation import Federation, GroupGrid
 from strategies.messaging import Exchange, console, content_bytes
 

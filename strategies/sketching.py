@@ -1,6 +1,6 @@
 """The sketch phase: every client's sketch of its train and validation samples, or its statistics.
 
-What a client sends is its affinity mode's release (``elora_fed.affinity_modes``): a
+What a client sends is its affinity mode's release (``elora_fed.surrogate.affinity_modes``): a
 ``ClientSketch`` (saved under ``sketches/``) or ``ClientStatistics`` (``statistics.npz``);
 in a secure mode nothing here (the release stays on the client for the SecAgg+ rounds of
 the grouping phase). Clients that fail are left out; the grouping phase assigns them a group.
@@ -12,11 +12,11 @@ from __future__ import annotations
 from operator import itemgetter
 
 from clients.records import release_from_record
-from elora_fed.affinity_modes import affinity_mode
-from elora_fed.client_sketch import ClientSketch
 from elora_fed.errors import DataError
 from elora_fed.plugins import load_class
-from elora_fed.statistics import ClientStatistics, save_statistics
+from elora_fed.sketch.client_sketch import ClientSketch
+from elora_fed.surrogate.affinity_modes import affinity_mode
+from elora_fed.surrogate.statistics import ClientStatistics, save_statistics
 from strategies.federation import Federation
 from strategies.messaging import exchange_metrics
 from strategies.phase import Request, Steps

@@ -19,10 +19,10 @@ from flwr.serverapp.strategy import Strategy
 
 from clients.protocol import number, run_record
 from clients.records import adapter_from, adapter_record, ensemble_records
-from elora_fed.adapters import save_peft_adapter
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import AdapterState, GroupAdapters
+from elora_fed.ensemble.outputs import AdapterState, GroupAdapters
 from elora_fed.errors import ConfigError
+from elora_fed.model.adapters import save_peft_adapter
 from elora_fed.plugins import load_class
 from elora_fed.run_dir import adapter_dir, adapter_name
 from elora_fed.seeds import derive_seed

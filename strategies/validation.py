@@ -21,7 +21,7 @@ from flwr.app import Message
 
 from clients.records import ADAPTER_ARRAY, flat_adapter
 from elora_fed.config import FederationConfig
-from elora_fed.ensemble import AdapterState
+from elora_fed.ensemble.outputs import AdapterState
 from strategies.messaging import content_bytes
 
 KINDS = ("payload", "num-examples", "keys", "dtype", "shape", "decode", "non-finite", "norm")

@@ -15,7 +15,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from elora_fed.config import ModelConfig
-from elora_fed.models import load_tokenizer
+from elora_fed.model.models import load_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from elora_fed.affinity import (
+from elora_fed.errors import ConfigError, DataError
+from elora_fed.surrogate.affinity import (
     affinity_from_features,
     gradient_cosine_affinity,
     sample_subsets,
     task_affinity,
 )
-from elora_fed.errors import ConfigError, DataError
-from elora_fed.subset_batches import SubsetEstimates
-from elora_fed.task_features import TaskFeatures
+from elora_fed.surrogate.subset_batches import SubsetEstimates
+from elora_fed.surrogate.task_features import TaskFeatures
 
 
 @pytest.mark.parametrize("n, size, count", [(10, 3, 200), (10, 3, 5), (12, 4, 0), (30, 5, 40), (7, 7, 2), (2, 2, 0)])
@@ -113,9 +113,9 @@ def test_gradient_cosine_of_a_zero_gradient_is_zero():
 
 
 def test_removing_task_offsets_recovers_the_pair_structure_under_them():
-    from elora_fed.affinity import offset_variance_share, remove_offsets, task_offsets
-    from elora_fed.clustering import cluster
-    from elora_fed.partitions import adjusted_rand_index
+    from elora_fed.grouping.clustering import cluster
+    from elora_fed.grouping.partitions import adjusted_rand_index
+    from elora_fed.surrogate.affinity import offset_variance_share, remove_offsets, task_offsets
 
     rng = np.random.default_rng(0)
     n = 24

@@ -20,19 +20,27 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from elora_fed import bigbench, cli
-from elora_fed.bigbench import LABEL_WORDS, SDIST_SHA256, TASKS_ROOT, convert_task, fetch_bigbench, stratified_split
-from elora_fed.classification import (
+from elora_fed import cli
+from elora_fed.config import DataConfig, RunConfig
+from elora_fed.data import bigbench
+from elora_fed.data.bigbench import (
+    LABEL_WORDS,
+    SDIST_SHA256,
+    TASKS_ROOT,
+    convert_task,
+    fetch_bigbench,
+    stratified_split,
+)
+from elora_fed.data.classification import (
     ClassificationTask,
     cap_samples,
     label_token_ids,
     load_classification_tasks,
     split_task,
 )
-from elora_fed.config import DataConfig, RunConfig
+from elora_fed.data.federated_data import load_classification_clients
+from elora_fed.data.splits import SPLITS
 from elora_fed.errors import ConfigError, DataError
-from elora_fed.federated_data import load_classification_clients
-from elora_fed.splits import SPLITS
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bigbench"
 TASKS = ("fact_checker/politifact", "intent_recognition", "sports_understanding")

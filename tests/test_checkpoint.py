@@ -4,11 +4,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from elora_fed.adapters import adapter_state, attach_lora, load_peft_adapter, save_peft_adapter
 from elora_fed.checkpoint import Checkpoint, Snapshot
 from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.errors import DataError
-from elora_fed.models import load_base_model
+from elora_fed.model.adapters import adapter_state, attach_lora, load_peft_adapter, save_peft_adapter
+from elora_fed.model.models import load_base_model
 
 
 def test_snapshots_round_trip_and_only_the_latest_is_kept(tmp_path):

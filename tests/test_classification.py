@@ -10,7 +10,7 @@ import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from transformers import PreTrainedTokenizerBase
 
-from elora_fed.classification import (
+from elora_fed.data.classification import (
     PROMPT_SUFFIX,
     ClassificationTask,
     load_classification_tasks,

@@ -71,7 +71,7 @@ def test_sketch_writes_one_file_per_client(tmp_path):
     done = elora_fed("sketch", *TINY, "--set", "sketch.dim=32", "--set", "run_dir='out'", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (run,) = (tmp_path / "out").iterdir()
-    from elora_fed.client_sketch import load_sketches
+    from elora_fed.sketch.client_sketch import load_sketches
 
     sketches = load_sketches(run / "sketches")
     summary = json.loads((run / "sketch_summary.json").read_text())
@@ -95,7 +95,7 @@ def test_sketch_of_classification_tasks(tmp_path):
     done = elora_fed("sketch", *args, "--set", "sketch.dim=16", "--set", "run_dir='out'", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     (run,) = (tmp_path / "out").iterdir()
-    from elora_fed.client_sketch import load_sketches
+    from elora_fed.sketch.client_sketch import load_sketches
 
     sketches = load_sketches(run / "sketches")
     assert [s.client_id for s in sketches] == ["entailment", "sentiment", "topic"]

@@ -18,15 +18,15 @@ from clients.records import (
     sketch_from_record,
     sketch_to_record,
 )
-from elora_fed.adapters import attach_lora
-from elora_fed.client_sketch import SketchMetadata, sketch_client
 from elora_fed.config import RunConfig
-from elora_fed.ensemble import GroupAdapters, ridge_statistics
+from elora_fed.data.federated_data import load_clients
+from elora_fed.ensemble.outputs import GroupAdapters, ridge_statistics
 from elora_fed.errors import DataError
-from elora_fed.federated_data import load_clients
-from elora_fed.models import load_base_model, load_tokenizer
-from elora_fed.projection import JLProjector
-from elora_fed.sketch import gradient_dim
+from elora_fed.model.adapters import attach_lora
+from elora_fed.model.models import load_base_model, load_tokenizer
+from elora_fed.sketch.client_sketch import SketchMetadata, sketch_client
+from elora_fed.sketch.gradients import gradient_dim
+from elora_fed.sketch.projection import JLProjector
 
 CONFIG = RunConfig.from_flat(  # fp32 compute: replies are compared with direct fp32 computations
     {
@@ -78,7 +78,7 @@ def test_malformed_sketch_replies_are_named():
         "features": np.ones((3, 4), dtype=np.float32),
         "labels": -np.ones(3, dtype=np.int32),
     }
-    from elora_fed.client_sketch import ClientSketch
+    from elora_fed.sketch.client_sketch import ClientSketch
 
     good = ClientSketch("a:A", metadata=meta, **rows)
     assert sketch_from_record(sketch_to_record(good)).client_id == "a:A"

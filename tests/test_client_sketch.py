@@ -3,15 +3,15 @@ import dataclasses
 import numpy as np
 import pytest
 
-from elora_fed.adapters import attach_lora
-from elora_fed.classification import load_classification_tasks, tokenize_task
-from elora_fed.client_sketch import ClientSketch, SketchMetadata, load_sketches, sketch_client
 from elora_fed.config import AdapterConfig, ModelConfig
+from elora_fed.data.classification import load_classification_tasks, tokenize_task
+from elora_fed.data.lm_samples import LMSamples
 from elora_fed.errors import DataError
-from elora_fed.lm_samples import LMSamples
-from elora_fed.models import load_base_model
-from elora_fed.projection import JLProjector
-from elora_fed.sketch import gradient_dim
+from elora_fed.model.adapters import attach_lora
+from elora_fed.model.models import load_base_model
+from elora_fed.sketch.client_sketch import ClientSketch, SketchMetadata, load_sketches, sketch_client
+from elora_fed.sketch.gradients import gradient_dim
+from elora_fed.sketch.projection import JLProjector
 
 from .test_classification import JSONL
 

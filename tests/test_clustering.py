@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from elora_fed.clustering import (
+from elora_fed.errors import ConfigError
+from elora_fed.grouping.clustering import (
     GroupChoice,
     choose_num_groups,
     cluster,
@@ -12,15 +13,14 @@ from elora_fed.clustering import (
     round_partition,
     sdp_relaxation,
 )
-from elora_fed.errors import ConfigError
-from elora_fed.partitions import (
+from elora_fed.grouping.partitions import (
     adjusted_rand_index,
     average_density,
     canonical_labels,
     excess_density,
     planted_affinity,
 )
-from elora_fed.spectral import spectral_clustering
+from elora_fed.grouping.spectral import spectral_clustering
 
 
 def partition_matrix(labels: np.ndarray) -> np.ndarray:

@@ -10,13 +10,13 @@ from flwr.app import Context, RecordDict
 from clients import handlers as client_app
 from clients.protocol import run_record
 from clients.records import sketch_from_record
-from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
-from elora_fed.batches import lm_batch
-from elora_fed.compute import compute_context, native_bf16, resolve_compute_dtype
 from elora_fed.config import AdapterConfig, ModelConfig, RunConfig
-from elora_fed.ensemble import adapter_outputs
-from elora_fed.models import load_base_model
-from elora_fed.training import target_log_loss, train_adapter
+from elora_fed.ensemble.outputs import adapter_outputs
+from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.model.batches import lm_batch
+from elora_fed.model.compute import compute_context, native_bf16, resolve_compute_dtype
+from elora_fed.model.models import load_base_model
+from elora_fed.model.training import target_log_loss, train_adapter
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "nf4"])

@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
-from elora_fed.batches import lm_batch
 from elora_fed.config import AdapterConfig, ModelConfig
-from elora_fed.ensemble import (
+from elora_fed.ensemble.outputs import (
     GroupAdapters,
     Outputs,
     adapter_outputs,
@@ -20,10 +18,12 @@ from elora_fed.ensemble import (
     ridge_fit,
     ridge_statistics,
 )
-from elora_fed.evaluation import mean_token_loss
-from elora_fed.models import load_base_model
-from elora_fed.projection import JLProjector
-from elora_fed.sketch import gradient_dim, sketch_batches
+from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.model.batches import lm_batch
+from elora_fed.model.evaluation import mean_token_loss
+from elora_fed.model.models import load_base_model
+from elora_fed.sketch.gradients import gradient_dim, sketch_batches
+from elora_fed.sketch.projection import JLProjector
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from elora_fed.adapters import load_peft_adapter
+from elora_fed.model.adapters import load_peft_adapter
 from tests.fixtures.faulty_clients import CORRUPTIONS, STRAGGLE_S
 from tests.test_pipeline import REPO, TINY, _env, cli, only_run_dir
 

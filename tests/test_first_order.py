@@ -2,14 +2,14 @@
 
 import numpy as np
 
-from elora_fed.adapters import adapter_state, attach_lora
-from elora_fed.batches import lm_batch
 from elora_fed.config import AdapterConfig, ModelConfig
-from elora_fed.ensemble import GroupAdapters, adapter_outputs
-from elora_fed.first_order import first_order_outputs, group_direction, sketch_direction
-from elora_fed.models import load_base_model
-from elora_fed.projection import JLProjector
-from elora_fed.sketch import gradient_dim, per_sample_gradients, sketch_batches
+from elora_fed.ensemble.outputs import GroupAdapters, adapter_outputs
+from elora_fed.model.adapters import adapter_state, attach_lora
+from elora_fed.model.batches import lm_batch
+from elora_fed.model.models import load_base_model
+from elora_fed.sketch.first_order import first_order_outputs, group_direction, sketch_direction
+from elora_fed.sketch.gradients import gradient_dim, per_sample_gradients, sketch_batches
+from elora_fed.sketch.projection import JLProjector
 
 
 def test_first_order_outputs_track_the_real_change_of_h_for_a_small_step():

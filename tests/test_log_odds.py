@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from elora_fed.batches import Batch
-from elora_fed.log_odds import all_log_odds, label_log_odds, lm_log_odds, log_odds
+from elora_fed.model.batches import Batch
+from elora_fed.model.log_odds import all_log_odds, label_log_odds, lm_log_odds, log_odds
 
 
 def test_log_odds_is_log_p_over_one_minus_p():

@@ -16,9 +16,9 @@ import torch
 from flwr.app import Message, MetricRecord, RecordDict
 
 from elora_fed.accounting import ModelSize
-from elora_fed.client_sketch import load_sketches
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError
+from elora_fed.sketch.client_sketch import load_sketches
 from strategies.evaluation import WeightsPhase
 from strategies.federation import Federation
 from strategies.in_process import InProcessGrid, act_as_server

@@ -15,10 +15,10 @@ import torch
 from filelock import FileLock
 from peft import PeftModel
 
-from elora_fed.adapters import load_peft_adapter
 from elora_fed.config import ModelConfig
 from elora_fed.errors import DataError
-from elora_fed.models import load_base_model
+from elora_fed.model.adapters import load_peft_adapter
+from elora_fed.model.models import load_base_model
 from tests.test_pipeline import TINY, _env, cli, only_run_dir, run
 
 FIVE_HUNDRED = {
@@ -70,9 +70,9 @@ def test_500_clients_end_to_end_write_the_whole_run_directory(fault_free_500):
 
 @pytest.mark.e2e
 def test_the_run_loads_back_as_an_ensemble_whose_score_reproduces_the_reported_test_loss(fault_free_500):
-    from elora_fed.batches import client_batches
-    from elora_fed.federated_data import load_clients
-    from elora_fed.inference import load_ensemble
+    from elora_fed.data.federated_data import load_clients
+    from elora_fed.ensemble.inference import load_ensemble
+    from elora_fed.model.batches import client_batches
 
     run_dir, _ = fault_free_500
     ensemble = load_ensemble(run_dir)

@@ -14,11 +14,9 @@ from scipy.stats import norm
 from clients import handlers as client_app
 from clients.protocol import run_record
 from clients.records import sketch_from_record, statistics_from_record
-from elora_fed.affinity_modes import affinity_mode
-from elora_fed.client_sketch import ClientSketch, SketchMetadata
 from elora_fed.config import PrivacyConfig, RunConfig
 from elora_fed.errors import ConfigError
-from elora_fed.privacy import (
+from elora_fed.privacy.mechanism import (
     clip_outputs,
     clip_rows,
     compose,
@@ -33,9 +31,11 @@ from elora_fed.privacy import (
     released_statistics,
     symmetric_noise,
 )
-from elora_fed.quadratic_sums import solve_subsets_private
-from elora_fed.statistics import client_statistics
-from elora_fed.task_features import task_features
+from elora_fed.sketch.client_sketch import ClientSketch, SketchMetadata
+from elora_fed.surrogate.affinity_modes import affinity_mode
+from elora_fed.surrogate.quadratic_sums import solve_subsets_private
+from elora_fed.surrogate.statistics import client_statistics
+from elora_fed.surrogate.task_features import task_features
 
 META = SketchMetadata("tiny-random", "fp32", 4, "q_proj,v_proj", 0, "rademacher", 0, 8, 10, "lm")
 

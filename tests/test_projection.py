@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from elora_fed.projection import JLProjector
+from elora_fed.sketch.projection import JLProjector
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
@@ -32,7 +32,7 @@ def test_entry_distribution(kind):
 @pytest.mark.e2e
 def test_two_processes_build_the_same_projection():
     code = (
-        "import torch, hashlib; from elora_fed.projection import JLProjector;"
+        "import torch, hashlib; from elora_fed.sketch.projection import JLProjector;"
         "b = JLProjector(10**9, 400, seed=42).block(123456789, 123456789 + 64);"
         "print(hashlib.sha256(b.numpy().tobytes()).hexdigest())"
     )

@@ -3,7 +3,7 @@ training, and a backward pass without signal stops with a named error.
 
 On a CPU with AVX-512 BF16, bitsandbytes repacks a Linear4bit weight for its fused
 inference kernel at the first no-grad forward, and that kernel has no autograd formula
-(``elora_fed.models.keep_4bit_layers_differentiable``). Without the fix, the first test
+(``elora_fed.model.models.keep_4bit_layers_differentiable``). Without the fix, the first test
 gets exactly zero LoRA gradients on such a CPU.
 """
 
@@ -17,15 +17,15 @@ from clients import handlers as client_app
 from clients import node as client_node
 from clients.protocol import run_record
 from clients.records import adapter_from, adapter_record, ensemble_records
-from elora_fed.adapters import attach_lora
-from elora_fed.batches import Batch
 from elora_fed.config import AdapterConfig, ModelConfig, RunConfig
-from elora_fed.ensemble import GroupAdapters
+from elora_fed.ensemble.outputs import GroupAdapters
 from elora_fed.errors import ZeroGradientError
-from elora_fed.models import load_base_model
-from elora_fed.projection import JLProjector
-from elora_fed.sketch import gradient_dim, sketch_batches
-from elora_fed.training import target_log_loss, train_adapter
+from elora_fed.model.adapters import attach_lora
+from elora_fed.model.batches import Batch
+from elora_fed.model.models import load_base_model
+from elora_fed.model.training import target_log_loss, train_adapter
+from elora_fed.sketch.gradients import gradient_dim, sketch_batches
+from elora_fed.sketch.projection import JLProjector
 
 NF4 = ModelConfig(name="tiny-random", precision="nf4", device="cpu")
 ADAPTER = AdapterConfig(rank=4, alpha=8, target_modules="q_proj,v_proj", seed=0)

@@ -26,18 +26,18 @@ import pytest
 import torch
 
 from clients.protocol import run_config
-from elora_fed.affinity import sample_subsets
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError, DataError
-from elora_fed.quadratic_sums import quadratic_solutions, stack_statistics
-from elora_fed.statistics import (
+from elora_fed.surrogate.affinity import sample_subsets
+from elora_fed.surrogate.quadratic_sums import quadratic_solutions, stack_statistics
+from elora_fed.surrogate.statistics import (
     ClientStatistics,
     aggregation_vector,
     client_statistics,
     load_statistics,
     statistics_from_aggregate,
 )
-from elora_fed.task_features import TaskFeatures
+from elora_fed.surrogate.task_features import TaskFeatures
 from strategies.secure_statistics import disjoint_waves
 from tests.test_pipeline import REPO, _env
 

@@ -1,4 +1,4 @@
-from elora_fed.shakespeare import fetch_texts, load_roles, parse_play, play_files
+from elora_fed.data.shakespeare import fetch_texts, load_roles, parse_play, play_files
 
 PLAY = """THE TRAGEDY OF TESTING
 

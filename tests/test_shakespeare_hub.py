@@ -6,8 +6,8 @@ import datasets
 import pytest
 from datasets import Dataset
 
+from elora_fed.data.shakespeare_hub import load_flwr_shakespeare, roles_from_dataset, stitch_windows
 from elora_fed.errors import DataError
-from elora_fed.shakespeare_hub import load_flwr_shakespeare, roles_from_dataset, stitch_windows
 
 ROMEO = "But soft, what light"
 JULIET = "O Romeo, Romeo"

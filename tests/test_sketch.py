@@ -3,19 +3,19 @@ import pytest
 import torch
 from peft import IA3Config, get_peft_model
 
-from elora_fed.adapters import attach_lora
-from elora_fed.batches import Batch, classification_batch, lm_batch
 from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.errors import ConfigError
-from elora_fed.models import EMBEDDED_MODEL, load_base_model
-from elora_fed.projection import JLProjector
-from elora_fed.sketch import (
+from elora_fed.model.adapters import attach_lora
+from elora_fed.model.batches import Batch, classification_batch, lm_batch
+from elora_fed.model.models import EMBEDDED_MODEL, load_base_model
+from elora_fed.sketch.gradients import (
     gradient_dim,
     gradient_parameters,
     naive_per_sample_gradients,
     per_sample_gradients,
     sketch_batches,
 )
+from elora_fed.sketch.projection import JLProjector
 
 ALL_LINEAR = AdapterConfig(rank=4, target_modules="all-linear")
 

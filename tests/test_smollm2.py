@@ -5,9 +5,9 @@ import pytest
 from transformers import AutoConfig
 
 from elora_fed.config import DataConfig, ModelConfig
-from elora_fed.evaluation import mean_token_loss
-from elora_fed.federated_data import load_lm_clients
-from elora_fed.models import EMBEDDED_MODEL, embedded_model_dir, load_base_model, load_tokenizer
+from elora_fed.data.federated_data import load_lm_clients
+from elora_fed.model.evaluation import mean_token_loss
+from elora_fed.model.models import EMBEDDED_MODEL, embedded_model_dir, load_base_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,14 @@ import scipy.optimize
 import torch
 from scipy.stats import spearmanr
 
-from elora_fed.affinity import sample_subsets, task_affinity
-from elora_fed.client_sketch import ClientSketch, SketchMetadata
 from elora_fed.errors import ConfigError, DataError
-from elora_fed.lambda_calibration import calibrate_lambda, calibration_errors
-from elora_fed.quadratic_sums import solve_subsets_private
-from elora_fed.statistics import client_statistics
-from elora_fed.subset_solver import solve_subsets
-from elora_fed.task_features import TaskFeatures, task_features
+from elora_fed.sketch.client_sketch import ClientSketch, SketchMetadata
+from elora_fed.surrogate.affinity import sample_subsets, task_affinity
+from elora_fed.surrogate.lambda_calibration import calibrate_lambda, calibration_errors
+from elora_fed.surrogate.quadratic_sums import solve_subsets_private
+from elora_fed.surrogate.statistics import client_statistics
+from elora_fed.surrogate.subset_solver import solve_subsets
+from elora_fed.surrogate.task_features import TaskFeatures, task_features
 
 
 def make_tasks(n: int, d: int, scale: float, seed: int = 0, offset: float = -2.0) -> list[TaskFeatures]:
@@ -103,7 +103,7 @@ def test_solving_restores_the_thread_count():
 def test_the_solver_imports_without_the_model_stack():
     """Solving, the statistics and the lambda calibration need no peft or transformers (only ``task_features`` does)."""
     code = (
-        "import elora_fed.subset_solver, elora_fed.quadratic_sums, elora_fed.statistics, elora_fed.lambda_calibration, sys; "
+        "import elora_fed.surrogate.subset_solver, elora_fed.surrogate.quadratic_sums, elora_fed.surrogate.statistics, elora_fed.surrogate.lambda_calibration, sys; "
         "assert 'peft' not in sys.modules and 'transformers' not in sys.modules"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

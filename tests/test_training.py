@@ -1,11 +1,11 @@
 import numpy as np
 import torch
 
-from elora_fed.adapters import adapter_state, attach_lora, load_adapter_state
-from elora_fed.batches import lm_batch
 from elora_fed.config import AdapterConfig, ModelConfig
-from elora_fed.models import load_base_model
-from elora_fed.training import evaluate_log_loss, train_adapter
+from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.model.batches import lm_batch
+from elora_fed.model.models import load_base_model
+from elora_fed.model.training import evaluate_log_loss, train_adapter
 
 
 def test_training_lowers_the_log_loss_and_theta_star_can_be_restored():
@@ -24,8 +24,8 @@ def test_training_lowers_the_log_loss_and_theta_star_can_be_restored():
 
 
 def test_fedprox_term_keeps_local_training_near_its_start_and_boost_objective_fits_residuals():
-    from elora_fed.ensemble import adapter_outputs
-    from elora_fed.training import boost_objective, target_log_loss
+    from elora_fed.ensemble.outputs import adapter_outputs
+    from elora_fed.model.training import boost_objective, target_log_loss
 
     model = attach_lora(load_base_model(ModelConfig(name="tiny-random")), AdapterConfig(rank=4))
     rng = np.random.RandomState(0)

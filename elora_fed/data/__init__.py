@@ -1,0 +1,1 @@
+"""Every client's samples: Shakespeare roles and BIG-bench tasks, cut, split and cached."""

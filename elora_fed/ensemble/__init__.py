@@ -1,0 +1,1 @@
+"""The ensemble: group outputs, boosting fits, learned weights, and the trained ensemble as a model."""

@@ -1,0 +1,1 @@
+"""Clustering clients into groups from the affinity matrix."""

@@ -1,0 +1,1 @@
+"""Sketches: each client's base outputs and JL-projected gradients at theta*."""
