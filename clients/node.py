@@ -21,8 +21,9 @@ from transformers import PreTrainedTokenizerBase
 
 from clients.protocol import Metrics, number, run_config
 from elora_fed.accounting import TokenCounter
-from elora_fed.config import AdapterConfig, DataConfig, ModelConfig, RunConfig
+from elora_fed.config import RunConfig
 from elora_fed.data.classification import ClassificationSamples
+from elora_fed.data.config import DataConfig
 from elora_fed.data.federated_data import load_clients
 from elora_fed.data.lm_samples import LMSamples
 from elora_fed.ensemble.outputs import (
@@ -32,6 +33,7 @@ from elora_fed.errors import DataError
 from elora_fed.model.adapters import adapter_state, attach_lora
 from elora_fed.model.batches import Batch, client_batches
 from elora_fed.model.compute import compute_context
+from elora_fed.model.config import AdapterConfig, ModelConfig
 
 Samples = LMSamples | ClassificationSamples
 

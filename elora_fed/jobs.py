@@ -21,13 +21,14 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from elora_fed.config import ModelConfig, RunConfig
+from elora_fed.config import RunConfig
 from elora_fed.data.federated_data import load_clients, load_lm_clients
 from elora_fed.data.splits import SPLITS
 from elora_fed.grouping.clustering import cluster_clients, groups_record
 from elora_fed.grouping.partitions import average_density
 from elora_fed.model.adapters import attach_lora
 from elora_fed.model.compute import compute_context
+from elora_fed.model.config import ModelConfig
 from elora_fed.model.evaluation import mean_token_loss
 from elora_fed.model.models import TINY_MODEL, load_base_model, load_tokenizer
 from elora_fed.plots import affinity_heatmap

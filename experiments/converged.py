@@ -378,8 +378,8 @@ def machine() -> dict[str, Any]:
     import os
     import platform
 
-    from elora_fed.config import ModelConfig
     from elora_fed.model.compute import resolve_compute_dtype
+    from elora_fed.model.config import ModelConfig
 
     flags = (
         Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n")[0] if Path("/proc/cpuinfo").exists() else ""

@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from elora_fed.config import AdapterConfig, DataConfig, ModelConfig
+from elora_fed.data.config import DataConfig
 from elora_fed.data.federated_data import load_lm_clients
 from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.model.batches import Batch, lm_batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
 from elora_fed.model.training import evaluate_log_loss, train_adapter
 from elora_fed.sketch.gradients import gradient_dim, per_sample_gradients

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elora_fed.config import AdapterConfig, DataConfig, ModelConfig
+from elora_fed.data.config import DataConfig
 from elora_fed.data.federated_data import load_lm_clients
 from elora_fed.model.adapters import attach_lora
 from elora_fed.model.batches import lm_batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
 from elora_fed.sketch.gradients import gradient_parameters, per_sample_gradients
 

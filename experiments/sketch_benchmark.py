@@ -25,10 +25,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from elora_fed.config import AdapterConfig, DataConfig, ModelConfig
+from elora_fed.data.config import DataConfig
 from elora_fed.data.federated_data import load_lm_clients
 from elora_fed.model.adapters import attach_lora
 from elora_fed.model.batches import Batch, lm_batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
 from elora_fed.sketch.gradients import gradient_dim, gradient_parameters, naive_per_sample_gradients, sketch_batches
 from elora_fed.sketch.projection import JLProjector

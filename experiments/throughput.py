@@ -43,12 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from elora_fed.config import ModelConfig, RunConfig, load_config
+from elora_fed.config import RunConfig, load_config
 from elora_fed.data.federated_data import load_clients
 from elora_fed.ensemble.outputs import adapter_outputs
 from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.model.batches import Batch, client_batches
 from elora_fed.model.compute import compute_context, resolve_compute_dtype
+from elora_fed.model.config import ModelConfig
 from elora_fed.model.models import load_base_model, load_tokenizer
 from elora_fed.model.training import target_log_loss, train_adapter
 from elora_fed.sketch.client_sketch import sketch_setup

@@ -28,8 +28,10 @@ from pathlib import Path
 
 from flwr.serverapp import Grid
 
-from elora_fed.config import DataConfig, ModelConfig, RunConfig
+from elora_fed.config import RunConfig
+from elora_fed.data.config import DataConfig
 from elora_fed.errors import DataError
+from elora_fed.model.config import ModelConfig
 from elora_fed.plugins import load_class
 from elora_fed.privacy.mechanism import describe, privacy_report
 from elora_fed.run_dir import write_json

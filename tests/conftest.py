@@ -14,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from elora_fed.config import ModelConfig
+from elora_fed.model.config import ModelConfig
 from elora_fed.model.models import load_tokenizer
 
 

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 from elora_fed.accounting import ModelSize, TokenCounter, base_parameter_count
-from elora_fed.config import AdapterConfig, ModelConfig, RunConfig
+from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError
 from elora_fed.model.adapters import attach_lora
 from elora_fed.model.batches import lm_batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import load_base_model
 from elora_fed.model.training import target_log_loss, train_adapter
 from strategies.baselines import OneGroup, OneGroupPerClient, RandomGroups

@@ -21,7 +21,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from elora_fed import cli
-from elora_fed.config import DataConfig, RunConfig
+from elora_fed.config import RunConfig
 from elora_fed.data import bigbench
 from elora_fed.data.bigbench import (
     LABEL_WORDS,
@@ -38,6 +38,7 @@ from elora_fed.data.classification import (
     load_classification_tasks,
     split_task,
 )
+from elora_fed.data.config import DataConfig
 from elora_fed.data.federated_data import load_classification_clients
 from elora_fed.data.splits import SPLITS
 from elora_fed.errors import ConfigError, DataError

@@ -5,9 +5,9 @@ import torch
 from peft import PeftModel
 
 from elora_fed.checkpoint import Checkpoint, Snapshot
-from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.errors import DataError
 from elora_fed.model.adapters import adapter_state, attach_lora, load_peft_adapter, save_peft_adapter
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import load_base_model
 
 

@@ -3,11 +3,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.data.classification import load_classification_tasks, tokenize_task
 from elora_fed.data.lm_samples import LMSamples
 from elora_fed.errors import DataError
 from elora_fed.model.adapters import attach_lora
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import load_base_model
 from elora_fed.sketch.client_sketch import ClientSketch, SketchMetadata, load_sketches, sketch_client
 from elora_fed.sketch.gradients import gradient_dim

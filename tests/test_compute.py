@@ -10,11 +10,12 @@ from flwr.app import Context, RecordDict
 from clients import handlers as client_app
 from clients.protocol import run_record
 from clients.records import sketch_from_record
-from elora_fed.config import AdapterConfig, ModelConfig, RunConfig
+from elora_fed.config import RunConfig
 from elora_fed.ensemble.outputs import adapter_outputs
 from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.model.batches import lm_batch
 from elora_fed.model.compute import compute_context, native_bf16, resolve_compute_dtype
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import load_base_model
 from elora_fed.model.training import target_log_loss, train_adapter
 

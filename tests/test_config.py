@@ -85,7 +85,8 @@ def test_a_flwr_run_config_applies_its_preset_beneath_the_keys_it_changes():
 
 
 def test_a_section_built_directly_is_validated():
-    from elora_fed.config import DataConfig, TrainConfig
+    from elora_fed.data.config import DataConfig
+    from elora_fed.model.config import TrainConfig
 
     with pytest.raises(ConfigError, match="'data.seq_len' = 0 is out of range"):
         DataConfig(seq_len=0)

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.ensemble.outputs import (
     GroupAdapters,
     Outputs,
@@ -20,6 +19,7 @@ from elora_fed.ensemble.outputs import (
 )
 from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.model.batches import lm_batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.evaluation import mean_token_loss
 from elora_fed.model.models import load_base_model
 from elora_fed.sketch.gradients import gradient_dim, sketch_batches

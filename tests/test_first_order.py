@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.ensemble.outputs import GroupAdapters, adapter_outputs
 from elora_fed.model.adapters import adapter_state, attach_lora
 from elora_fed.model.batches import lm_batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import load_base_model
 from elora_fed.sketch.first_order import first_order_outputs, group_direction, sketch_direction
 from elora_fed.sketch.gradients import gradient_dim, per_sample_gradients, sketch_batches

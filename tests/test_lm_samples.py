@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from elora_fed.config import DataConfig
 from elora_fed.data import lm_samples
+from elora_fed.data.config import DataConfig
 from elora_fed.data.lm_samples import LMSamples, build_clients, prepare, token_blocks
 from elora_fed.data.splits import split_contiguous
 from elora_fed.errors import DataError

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.errors import ConfigError, ModelLoadError
 from elora_fed.model import models
 from elora_fed.model.adapters import adapter_state, attach_lora
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import convert_gguf, load_base_model, resolve_model
 
 TINY = ModelConfig(name="tiny-random")

@@ -15,9 +15,9 @@ import torch
 from filelock import FileLock
 from peft import PeftModel
 
-from elora_fed.config import ModelConfig
 from elora_fed.errors import DataError
 from elora_fed.model.adapters import load_peft_adapter
+from elora_fed.model.config import ModelConfig
 from elora_fed.model.models import load_base_model
 from tests.test_pipeline import TINY, _env, cli, only_run_dir, run
 

@@ -14,8 +14,9 @@ from scipy.stats import norm
 from clients import handlers as client_app
 from clients.protocol import run_record
 from clients.records import sketch_from_record, statistics_from_record
-from elora_fed.config import PrivacyConfig, RunConfig
+from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError
+from elora_fed.privacy.config import PrivacyConfig
 from elora_fed.privacy.mechanism import (
     clip_outputs,
     clip_rows,

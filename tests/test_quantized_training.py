@@ -17,11 +17,12 @@ from clients import handlers as client_app
 from clients import node as client_node
 from clients.protocol import run_record
 from clients.records import adapter_from, adapter_record, ensemble_records
-from elora_fed.config import AdapterConfig, ModelConfig, RunConfig
+from elora_fed.config import RunConfig
 from elora_fed.ensemble.outputs import GroupAdapters
 from elora_fed.errors import ZeroGradientError
 from elora_fed.model.adapters import attach_lora
 from elora_fed.model.batches import Batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import load_base_model
 from elora_fed.model.training import target_log_loss, train_adapter
 from elora_fed.sketch.gradients import gradient_dim, sketch_batches

@@ -3,10 +3,10 @@ import pytest
 import torch
 from peft import IA3Config, get_peft_model
 
-from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.errors import ConfigError
 from elora_fed.model.adapters import attach_lora
 from elora_fed.model.batches import Batch, classification_batch, lm_batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import EMBEDDED_MODEL, load_base_model
 from elora_fed.sketch.gradients import (
     gradient_dim,

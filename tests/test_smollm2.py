@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from transformers import AutoConfig
 
-from elora_fed.config import DataConfig, ModelConfig
+from elora_fed.data.config import DataConfig
 from elora_fed.data.federated_data import load_lm_clients
+from elora_fed.model.config import ModelConfig
 from elora_fed.model.evaluation import mean_token_loss
 from elora_fed.model.models import EMBEDDED_MODEL, embedded_model_dir, load_base_model, load_tokenizer
 

@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from elora_fed.config import AdapterConfig, ModelConfig
 from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.model.batches import lm_batch
+from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import load_base_model
 from elora_fed.model.training import evaluate_log_loss, train_adapter
 

@@ -111,7 +111,7 @@ def fetch_bigbench(
             )
         return jsonl
     if tokenizer is None:
-        from elora_fed.config import ModelConfig
+        from elora_fed.model.config import ModelConfig
         from elora_fed.model.models import load_tokenizer
 
         tokenizer = load_tokenizer(ModelConfig())

@@ -14,7 +14,6 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from elora_fed.config import DataConfig
 from elora_fed.data import lm_samples, shakespeare, shakespeare_hub
 from elora_fed.data.classification import (
     ClassificationSamples,
@@ -24,6 +23,7 @@ from elora_fed.data.classification import (
     split_task,
     tokenize_task,
 )
+from elora_fed.data.config import DataConfig
 from elora_fed.data.lm_samples import FederatedSamples, LMSamples
 from elora_fed.data.splits import SPLITS
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from elora_fed.config import DataConfig
+from elora_fed.data.config import DataConfig
 from elora_fed.data.splits import SPLITS, split_contiguous
 from elora_fed.errors import DataError
 from elora_fed.paths import atomic_directory, cache_root

@@ -55,7 +55,7 @@ from elora_fed.grouping.spectral import spectral_clustering
 from elora_fed.threads import single_torch_thread
 
 if TYPE_CHECKING:
-    from elora_fed.config import ClusteringConfig
+    from elora_fed.grouping.config import ClusteringConfig
 
 SDP_SOLVERS = ("SCS", "CLARABEL")
 METHODS = ("fast", "sdp")

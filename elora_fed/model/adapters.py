@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from elora_fed.config import AdapterConfig
 from elora_fed.errors import ConfigError, DataError
+from elora_fed.model.config import AdapterConfig
 from elora_fed.paths import atomic_directory
 
 AdapterState = dict[str, torch.Tensor]

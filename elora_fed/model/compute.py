@@ -25,8 +25,8 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from elora_fed.config import ModelConfig
 from elora_fed.errors import ModelLoadError
+from elora_fed.model.config import ModelConfig
 
 Params = ParamSpec("Params")
 Result = TypeVar("Result")

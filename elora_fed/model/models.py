@@ -25,9 +25,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from elora_fed.config import ModelConfig
 from elora_fed.errors import ModelLoadError
 from elora_fed.model.compute import resolve_device
+from elora_fed.model.config import ModelConfig
 from elora_fed.paths import atomic_directory, cache_root
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"

@@ -58,7 +58,8 @@ import torch
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
-from elora_fed.config import PrivacyConfig, RunConfig
+from elora_fed.config import RunConfig
+from elora_fed.privacy.config import PrivacyConfig
 from elora_fed.seeds import derive_seed
 from elora_fed.sketch.client_sketch import ClientSketch
 from elora_fed.surrogate.statistics import ClientStatistics, SplitStatistics, client_statistics, split_statistics

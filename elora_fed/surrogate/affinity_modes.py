@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 
-from elora_fed.config import AFFINITY_MODES
 from elora_fed.errors import DataError
 from elora_fed.plugins import load_class
 from elora_fed.privacy.mechanism import NoisedPart, released_sketch, released_statistics, row_parts, statistics_parts
@@ -36,6 +35,7 @@ from elora_fed.surrogate.affinity import (
     affinity_from_subset_sums,
     gradient_cosine_affinity,
 )
+from elora_fed.surrogate.config import AFFINITY_MODES
 from elora_fed.surrogate.quadratic_sums import SubsetSums
 from elora_fed.surrogate.statistics import ClientStatistics
 from elora_fed.surrogate.task_features import task_features
@@ -146,7 +146,7 @@ class SecureMode(PrivateMode):
 BUILT_IN: dict[str, type[AffinityMode]] = dict(
     zip(AFFINITY_MODES, (ExactMode, PrivateMode, SecureMode, GradientCosineMode), strict=True)
 )
-"""``affinity.mode``'s names (``elora_fed.config.AFFINITY_MODES``, which validates them) and their classes."""
+"""``affinity.mode``'s names (``elora_fed.surrogate.config.AFFINITY_MODES``, which validates them) and their classes."""
 
 
 @functools.lru_cache(maxsize=16)
