@@ -29,16 +29,9 @@ from clients.secure import (
 )
 from elora_fed.accounting import base_parameter_count
 from elora_fed.data.lm_samples import LMSamples
-from elora_fed.ensemble.outputs import (
-    GroupAdapters,
-    adapter_outputs,
-    combine,
-    evaluate_ensemble,
-    fit_weights,
-    group_outputs,
-    residual_targets,
-    ridge_statistics,
-)
+from elora_fed.ensemble.boosting import residual_targets, ridge_statistics
+from elora_fed.ensemble.outputs import GroupAdapters, adapter_outputs, combine, evaluate_ensemble, group_outputs
+from elora_fed.ensemble.weights import fit_weights
 from elora_fed.errors import DataError
 from elora_fed.model.adapters import adapter_state, load_adapter_state
 from elora_fed.model.batches import Batch

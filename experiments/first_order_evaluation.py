@@ -31,7 +31,8 @@ import torch
 from elora_fed.checkpoint import Checkpoint, group_ensembles
 from elora_fed.config import RunConfig
 from elora_fed.data.federated_data import load_clients
-from elora_fed.ensemble.outputs import AdapterState, GroupAdapters, Outputs, combine, fit_weights, group_outputs
+from elora_fed.ensemble.outputs import AdapterState, GroupAdapters, Outputs, combine, group_outputs
+from elora_fed.ensemble.weights import fit_weights
 from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.model.batches import client_batches
 from elora_fed.model.compute import compute_context, resolve_compute_dtype

@@ -21,7 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.protocol import number
 from clients.records import ensemble_records
-from elora_fed.ensemble.outputs import AdapterState, GroupAdapters, lift, ridge_fit, ridge_statistics
+from elora_fed.ensemble.boosting import lift, ridge_fit, ridge_statistics
+from elora_fed.ensemble.outputs import AdapterState, GroupAdapters
 from elora_fed.errors import DataError
 from elora_fed.model.adapters import save_peft_adapter
 from elora_fed.run_dir import adapter_dir, adapter_name

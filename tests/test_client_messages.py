@@ -20,7 +20,8 @@ from clients.records import (
 )
 from elora_fed.config import RunConfig
 from elora_fed.data.federated_data import load_clients
-from elora_fed.ensemble.outputs import GroupAdapters, ridge_statistics
+from elora_fed.ensemble.boosting import ridge_statistics
+from elora_fed.ensemble.outputs import GroupAdapters
 from elora_fed.errors import DataError
 from elora_fed.model.adapters import attach_lora
 from elora_fed.model.models import load_base_model, load_tokenizer

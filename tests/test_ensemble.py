@@ -4,19 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from elora_fed.ensemble.boosting import lift, residual_targets, ridge_fit, ridge_statistics
 from elora_fed.ensemble.outputs import (
     GroupAdapters,
     Outputs,
     adapter_outputs,
     combine,
     evaluate_ensemble,
-    fit_weights,
     group_outputs,
-    lift,
-    residual_targets,
-    ridge_fit,
-    ridge_statistics,
 )
+from elora_fed.ensemble.weights import fit_weights
 from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
 from elora_fed.model.batches import lm_batch
 from elora_fed.model.config import AdapterConfig, ModelConfig

@@ -1,11 +1,11 @@
-"""The ensemble's arithmetic: group outputs with boosting, learned group weights, and metrics.
+"""The ensemble's outputs: group outputs with boosting, their weighted combination, and metrics.
 
 Every prediction is the scalar log-odds h of a target (``elora_fed.model.log_odds``). A group's
 output is its FedAvg adapter's h plus ``eta`` times each boosting adapter's *change* of h
 from theta* (h_t - h*): a boosting adapter is fit to residuals as such a change, so the
 same scalar it was fit to is what gets added (docs/METHOD.md's scale trap). A client's
 prediction is a weighted sum of the groups' outputs, with weights on the simplex learned
-on its validation split.
+on its validation split (``elora_fed.ensemble.weights``).
 
 Metrics, the same for single adapters and ensembles: the loss of a target is
 log(1 + exp(-h)) (for one model, exactly the cross-entropy -log p_y of that target).
@@ -26,7 +26,6 @@ from torch import nn
 
 from elora_fed.model.adapters import AdapterState, load_adapter_state
 from elora_fed.model.batches import Batch
-from elora_fed.sketch.projection import JLProjector
 
 
 @dataclass(frozen=True)
@@ -200,56 +199,3 @@ def combine(outputs: Sequence[Outputs], weights: np.ndarray) -> Outputs:
         raise ValueError(f"{len(outputs)} group outputs but {len(weights)} weights")
     h = sum((float(w) * o.h for w, o in zip(weights, outputs, strict=True)), torch.zeros_like(outputs[0].h))
     return Outputs(h, outputs[0].mask)
-
-
-def fit_weights(outputs: Sequence[Outputs], steps: int = 200, lr: float = 0.1) -> np.ndarray:
-    """Simplex weights over the groups that minimize the combined log loss (Adam on softmax logits).
-
-    Starts from uniform weights; deterministic. With one group the answer is [1.0].
-    """
-    if len(outputs) == 1 or steps == 0:
-        return np.full(len(outputs), 1.0 / len(outputs))
-    mask = outputs[0].mask
-    stacked = torch.stack([o.h[mask] for o in outputs]).double()  # (G, targets)
-    logits = torch.zeros(len(outputs), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.Adam([logits], lr=lr)
-    for _ in range(steps):
-        loss = torch.nn.functional.softplus(-(torch.softmax(logits, 0) @ stacked)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return torch.softmax(logits.detach(), 0).numpy()
-
-
-def residual_targets(per_sample_h: torch.Tensor) -> torch.Tensor:
-    """Boosting targets r = 1 - p, p = sigmoid(h): the probability mass still missing."""
-    return 1.0 - torch.sigmoid(per_sample_h)
-
-
-def ridge_statistics(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(G^T G, G^T r): the additive statistics of a least-squares fit, summed over clients."""
-    g = np.asarray(features, dtype=np.float64)
-    return g.T @ g, g.T @ np.asarray(targets, dtype=np.float64)
-
-
-def ridge_fit(gram: np.ndarray, moment: np.ndarray, ridge: float) -> np.ndarray:
-    """argmin_w |r - G w|^2 + ridge |w|^2 from G^T G and G^T r: the first-order boosting fit in sketch space."""
-    return np.linalg.solve(gram + ridge * np.eye(len(moment)), moment)
-
-
-def lift(theta_star: AdapterState, projector: JLProjector, w: np.ndarray) -> AdapterState:
-    """theta* + P w: the adapter whose B matrices are the lifted sketch-space vector ``w``.
-
-    The sketch's gradient coordinates are the lora_B tensors in module order, flattened
-    (``elora_fed.sketch.gradients.gradient_parameters``); theta*'s tensors are in the same order.
-    Only B changes: to first order the adapter acts through B alone.
-    """
-    b_names = [name for name in theta_star if ".lora_B." in name]
-    sizes = [theta_star[name].numel() for name in b_names]
-    if sum(sizes) != projector.input_dim:
-        raise ValueError(f"theta* has {sum(sizes)} lora_B coordinates, the projector expects {projector.input_dim}")
-    vector = projector.lift(torch.as_tensor(w, dtype=torch.float32))
-    state = dict(theta_star)
-    for name, chunk in zip(b_names, torch.split(vector, sizes), strict=True):
-        state[name] = theta_star[name] + chunk.reshape(theta_star[name].shape).to(theta_star[name].dtype)
-    return state
