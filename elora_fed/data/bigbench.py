@@ -149,14 +149,19 @@ def sdist_url(index: str, sha256: str) -> str:
     page_url = f"{index.rstrip('/')}/bigbench/"
     with _urlopen(page_url) as response:
         page = response.read().decode("utf-8", errors="replace")
+    names = []
     for href in re.findall(r'href="([^"]+)"', page):
         url, _, fragment = html.unescape(href).partition("#")
-        if url.rsplit("/", 1)[-1] == SDIST_NAME:
+        names.append(url.rsplit("/", 1)[-1])
+        if names[-1] == SDIST_NAME:
             listed = fragment.removeprefix("sha256=")
             if fragment.startswith("sha256=") and listed != sha256:
                 raise DataError(f"{page_url} lists {SDIST_NAME} with sha256 {listed}, expected {sha256}")
             return urljoin(page_url, url)
-    raise DataError(f"{page_url} lists no {SDIST_NAME}")
+    raise DataError(
+        f"{page_url} lists no {SDIST_NAME} (it lists: {', '.join(names) or 'nothing'}); the index does not serve "
+        f"it: pass a copy with `elora-fed fetch-data --bigbench-archive PATH` (sha256 {sha256})"
+    )
 
 
 def download(url: str, path: Path) -> None:
