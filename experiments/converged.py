@@ -312,32 +312,41 @@ def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: 
         "budget": budget,
         "methods": methods,
     }
-    for base, name in (("qlora", "qlora"), ("random", "random"), ("mtl-ft", "mtlft")):
-        if "ensemble" in by_method and base in by_method:
-            # Seeds change the splits: compare the two methods on the seeds both have finished.
-            common = {r["settings"]["seed"] for r in by_method["ensemble"]} & {
-                r["settings"]["seed"] for r in by_method[base]
-            }
-            ens_runs = [r for r in by_method["ensemble"] if r["settings"]["seed"] in common]
-            ref_runs = [r for r in by_method[base] if r["settings"]["seed"] in common]
-            out[f"seeds_vs_{name}"] = sorted(common)
-
-            def mean(rs: list[dict[str, Any]], value: Any) -> float:
-                return float(np.mean([value(r) for r in rs]))
-
-            out[f"loss_change_vs_{name}"] = mean(ens_runs, average_test_loss) / mean(ref_runs, average_test_loss) - 1
-            out[f"compute_ratio_vs_{name}"] = mean(ens_runs, paper_flops) / mean(ref_runs, paper_flops)
-            out[f"compute_ratio_vs_{name}_full"] = mean(ens_runs, full_flops) / mean(ref_runs, full_flops)
-            diff = per_client_difference(by_method["ensemble"], by_method[base], exp.metric)
-            if len(diff):
-                out[f"paired_mean_difference_vs_{name}"] = float(diff.mean())
-                out[f"paired_ci_vs_{name}"] = bootstrap_interval(diff)
+    for candidate in ("ensemble", "ensemble-centered"):
+        prefix = "" if candidate == "ensemble" else f"{candidate}."  # the issue's keys are EnsembleLoRA's
+        for base, name in (("qlora", "qlora"), ("random", "random"), ("mtl-ft", "mtlft")):
+            if candidate in by_method and base in by_method:
+                out.update(
+                    {prefix + k: v for k, v in compare(by_method[candidate], by_method[base], name, exp).items()}
+                )
     if exp.extend is not None:
         exp.extend(by_method, out)
     results.mkdir(parents=True, exist_ok=True)
     (results.parent / f"{results.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     (results.parent / f"{results.name}.md").write_text(markdown(exp, out))
     plot(exp, results, out)
+    return out
+
+
+def compare(runs: list[Run], reference: list[Run], name: str, exp: Experiment) -> dict[str, Any]:
+    """``runs`` against ``reference`` on the seeds both have finished (seeds change the splits)."""
+    common = {r["settings"]["seed"] for r in runs} & {r["settings"]["seed"] for r in reference}
+    ours = [r for r in runs if r["settings"]["seed"] in common]
+    theirs = [r for r in reference if r["settings"]["seed"] in common]
+
+    def ratio(value: Callable[[Run], float]) -> float:
+        return float(np.mean([value(r) for r in ours]) / np.mean([value(r) for r in theirs]))
+
+    out: dict[str, Any] = {
+        f"seeds_vs_{name}": sorted(common),
+        f"loss_change_vs_{name}": ratio(average_test_loss) - 1,
+        f"compute_ratio_vs_{name}": ratio(paper_flops),
+        f"compute_ratio_vs_{name}_full": ratio(full_flops),
+    }
+    diff = per_client_difference(runs, reference, exp.metric)
+    if len(diff):
+        out[f"paired_mean_difference_vs_{name}"] = float(diff.mean())
+        out[f"paired_ci_vs_{name}"] = bootstrap_interval(diff)
     return out
 
 
@@ -417,13 +426,14 @@ def markdown(exp: Experiment, out: dict[str, Any]) -> str:
         )
     lines.append("")
     for key, value in out.items():
-        if key.startswith("seeds_vs"):
+        bare = key.rsplit(".", 1)[-1]  # "ensemble-centered.loss_change_vs_qlora" reads as the bare key
+        if bare.startswith("seeds_vs"):
             lines.append(f"- `{key}` (the seeds the comparisons below use): {value}")
-        elif key.startswith(("loss_change", "accuracy_change", "compute_ratio", "paired")):
+        elif bare.startswith(("loss_change", "accuracy_change", "compute_ratio", "paired")):
             if isinstance(value, list):
                 shown = f"[{value[0]:+.4f}, {value[1]:+.4f}]"
             else:
-                shown = f"{value:.3f}x" if key.startswith("compute") else f"{value:+.4f}"
+                shown = f"{value:.3f}x" if bare.startswith("compute") else f"{value:+.4f}"
             lines.append(f"- `{key}`: {shown}")
     if "per_task" in out:  # classification: accuracy per task, beside the majority-class baseline
         names = list(out["per_task"])

@@ -57,6 +57,25 @@ def test_paired_differences_average_over_shared_seeds_and_the_interval_covers_th
     assert low < many.mean() < high and high < 0
 
 
+def test_a_comparison_uses_only_the_seeds_both_methods_finished():
+    def run(seed, loss, flops):
+        return {
+            "settings": {"seed": seed},
+            "average": {"ensemble": {"test_loss": loss}},
+            "phases": {"sketch": {"flops": 0.0}, "train": {"flops": flops}, "test": {"flops": 0.0}},
+            "clients": [{"client_id": "x", "test_loss": loss}],
+        }
+
+    centered = [run(0, 4.0, 110.0), run(1, 3.0, 110.0)]
+    one = [run(0, 5.0, 100.0), run(2, 1.0, 1.0)]
+    out = runner.compare(centered, one, "qlora", SHAKESPEARE)
+    assert out["seeds_vs_qlora"] == [0]
+    assert out["loss_change_vs_qlora"] == pytest.approx(4.0 / 5.0 - 1)
+    assert out["compute_ratio_vs_qlora"] == pytest.approx(1.1)
+    assert out["paired_mean_difference_vs_qlora"] == pytest.approx(-1.0)
+    assert ("ensemble-centered", 2, "bf16") in runner.plan(SHAKESPEARE, [0, 1, 2])
+
+
 def test_method_settings_name_every_baseline_and_reject_bad_ones():
     assert method_settings("qlora")["strategies.clustering"] == "strategies.baselines:OneGroup"
     assert method_settings("mtl-ft", finetune_steps=3)["train.finetune_steps"] == 3
