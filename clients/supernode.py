@@ -18,7 +18,10 @@ with:
 - replies checked, and a message's missing objects first retried, after ``--reply-poll-s``
   (the retries then double, as Flower's do);
 - its SuperExec's poll interval ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` set to
-  ``--reply-poll-s`` unless the environment sets it.
+  ``--reply-poll-s`` unless the environment sets it;
+- its SuperExec started as ``python -m clients.prestarted superexec``, which hands each
+  message to a ClientApp process started, and Flower imported, before the message came
+  (``clients/prestarted.py``); ``--no-prestart`` keeps Flower's ``flower-superexec``.
 
 The waits are module attributes of Flower 1.42's SuperNode loop; on a Flower whose loop
 differs, the command refuses to start and names the missing piece, rather than running
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -77,15 +81,18 @@ class Waits:
         self._next_idle = self.idle
 
 
-def shorten_waits(loop: ModuleType, waits: Waits) -> None:
-    """Make Flower's SuperNode loop ``loop`` sleep through ``waits`` and report activity to it."""
-    needed = ("time", "_push_messages", "pull_objects", "start_client_internal")
+def _require(loop: ModuleType, needed: Sequence[str]) -> None:
     missing = [name for name in needed if not hasattr(loop, name)]
     if missing:
         raise SuperNodeVersionError(
             f"{loop.__name__} has no {', '.join(missing)}: this Flower's SuperNode loop is not Flower 1.42's; "
             "run flower-supernode instead"
         )
+
+
+def shorten_waits(loop: ModuleType, waits: Waits) -> None:
+    """Make Flower's SuperNode loop ``loop`` sleep through ``waits`` and report activity to it."""
+    _require(loop, ("time", "_push_messages", "pull_objects", "start_client_internal"))
     push, pull = loop._push_messages, loop.pull_objects
 
     def push_and_reset(*args: Any, **kwargs: Any) -> None:
@@ -114,14 +121,34 @@ class _TimeModule:
         return getattr(time, name)
 
 
-def run(argv: Sequence[str], idle_poll_s: float, reply_poll_s: float) -> None:
-    """``flower-supernode ARGV`` with the shorter waits (blocks until the SuperNode exits)."""
+def prestart_clientapps(loop: ModuleType) -> None:
+    """Make Flower's SuperNode loop ``loop`` start ``clients.prestarted``'s SuperExec instead of ``flower-superexec``."""
+    _require(loop, ("subprocess",))
+    setattr(loop, "subprocess", _SubprocessModule())  # noqa: B010
+
+
+class _SubprocessModule:
+    """What ``import subprocess`` gives the loop: ``Popen`` of ``flower-superexec`` started as ours, the rest Flower's."""
+
+    def Popen(self, command: list[str], *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        if command[:1] == ["flower-superexec"]:
+            command = [sys.executable, "-m", "clients.prestarted", "superexec", *command[1:]]
+        return subprocess.Popen(command, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def run(argv: Sequence[str], idle_poll_s: float, reply_poll_s: float, prestart: bool = True) -> None:
+    """``flower-supernode ARGV`` with the shorter waits, and prestarted ClientApps (blocks until it exits)."""
     if idle_poll_s <= 0 or reply_poll_s <= 0:
         raise EloraFedError(f"poll intervals must be positive, got idle {idle_poll_s}, reply {reply_poll_s}")
     from flwr.supernode.cli import flower_supernode
 
     loop = importlib.import_module("flwr.supernode.start_client_internal")  # the module, not its function
     shorten_waits(loop, Waits(idle=idle_poll_s, reply=reply_poll_s))
+    if prestart:
+        prestart_clientapps(loop)
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(reply_poll_s))  # the SuperExec child inherits it
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()

@@ -86,11 +86,18 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "supernode",
-        help="flower-supernode with waits of a fraction of a second instead of 3 s (docs/deployment.md)",
-        usage="elora-fed supernode [--idle-poll-s S] [--reply-poll-s S] -- FLOWER_SUPERNODE_ARGS...",
+        help="flower-supernode with waits of a fraction of a second instead of 3 s, and prestarted ClientApps "
+        "(docs/deployment.md)",
+        usage="elora-fed supernode [--idle-poll-s S] [--reply-poll-s S] [--no-prestart] -- FLOWER_SUPERNODE_ARGS...",
     )
     p.add_argument("--idle-poll-s", type=float, default=0.05, help="wait after a message's first empty pull")
     p.add_argument("--reply-poll-s", type=float, default=0.05, help="wait between checks for a ClientApp's reply")
+    p.add_argument(
+        "--no-prestart",
+        dest="prestart",
+        action="store_false",
+        help="start each message's ClientApp as Flower does, not in a worker started ahead (clients/prestarted.py)",
+    )
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's arguments, after --")
     p.set_defaults(func=_supernode)
 
@@ -132,7 +139,7 @@ def _supernode(args: argparse.Namespace) -> None:
     from clients.supernode import run
 
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    run(flower_args, args.idle_poll_s, args.reply_poll_s)
+    run(flower_args, args.idle_poll_s, args.reply_poll_s, args.prestart)
 
 
 def _fetch_data(args: argparse.Namespace) -> None:

@@ -1,11 +1,13 @@
-"""Per-message overhead in deployment: Flower as it is, model holders, short waits, side by side in one run.
+"""Per-message overhead in deployment: Flower as it is, model holders, short waits, prestarted ClientApps.
 
 A real SuperLink and SuperNodes on loopback (``strategies.loopback``) run the same short
-pipeline three times with SmolLM2 (the default model) (``MODES``): as Flower 1.42 runs a
-ClientApp, a fresh ``flwr-clientapp`` process per message that loads the model stack and
-the base model; with one model holder per node (``clients.model_holder``), which loads
-them once; and with the holder behind ``elora-fed supernode`` (``clients.supernode``),
-Flower's SuperNode with waits of a fraction of a second. One node serves one client (one
+pipeline four times, side by side in one run, with SmolLM2 (the default model) (``MODES``):
+as Flower 1.42 runs a ClientApp, a fresh ``flwr-clientapp`` process per message that loads
+the model stack and the base model; with one model holder per node
+(``clients.model_holder``), which loads them once; with the holder behind ``elora-fed
+supernode --no-prestart`` (``clients.supernode``), Flower's SuperNode with waits of a
+fraction of a second; and behind ``elora-fed supernode``, whose ClientApp processes are
+started, and Flower imported, before their message (``clients.prestarted``). One node serves one client (one
 group: ``OneGroup``), so its messages run one at a time and each exchange's wall time is
 the sum of its messages' latencies, whatever else shares the CPU. Per exchange of M messages:
 
@@ -51,7 +53,7 @@ SETTINGS: dict[str, Any] = {  # a short pipeline: every phase, a few messages ea
 
 
 def measure(
-    work: Path, nodes: int, holders: bool, settings: dict[str, Any], short_waits: bool = False
+    work: Path, nodes: int, holders: bool, settings: dict[str, Any], short_waits: bool = False, prestart: bool = False
 ) -> dict[str, Any]:
     """One deployed run; per exchange its wall time, compute, loading and overhead per message."""
     work.mkdir(parents=True, exist_ok=True)
@@ -61,7 +63,7 @@ def measure(
     env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"})
     start = time.perf_counter()
     with processes(work) as started:
-        federation = start_federation(started, env, nodes, holders, short_waits)
+        federation = start_federation(started, env, nodes, holders, short_waits, prestart)
         result = federation.flwr_run(REPO, overrides)
         deadline = time.monotonic() + 120
         while not list(run_dir.glob("*/report.json")) and time.monotonic() < deadline:
@@ -97,12 +99,14 @@ def measure(
     }
 
 
-MODES = {  # name -> (model holders, elora-fed supernode's short waits)
-    "per_message_process": (False, False),
-    "model_holder": (True, False),
-    "model_holder_short_waits": (True, True),
+MODES = {  # name -> (model holders, elora-fed supernode's short waits, its prestarted ClientApps)
+    "per_message_process": (False, False, False),
+    "model_holder": (True, False, False),
+    "model_holder_short_waits": (True, True, False),
+    "model_holder_short_waits_prestarted": (True, True, True),
 }
-"""Flower 1.42 as it is; with a model holder per node; and with ``elora-fed supernode`` (``clients.supernode``) too."""
+"""Flower 1.42 as it is; with a model holder per node; behind ``elora-fed supernode --no-prestart``; behind
+``elora-fed supernode``."""
 
 
 def main() -> None:
@@ -117,9 +121,9 @@ def main() -> None:
         settings[key] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True).stdout
     modes = {}
-    for name, (holders, short_waits) in MODES.items():
+    for name, (holders, short_waits, prestart) in MODES.items():
         print(f"{name}: running", flush=True)
-        modes[name] = measure(args.work / name, 1, holders, settings, short_waits)
+        modes[name] = measure(args.work / name, 1, holders, settings, short_waits, prestart)
         print(f"{name}: overhead per message {modes[name]['overhead_per_message_s']}", flush=True)
     medians = {name: mode["overhead_per_message_s"]["median"] for name, mode in modes.items()}
     out = {
@@ -129,7 +133,7 @@ def main() -> None:
         "settings": settings,
         "modes": modes,
         "median_overhead_per_message_s": medians,
-        "overhead_ratio": medians["per_message_process"] / medians["model_holder_short_waits"],
+        "overhead_ratio": medians["per_message_process"] / medians["model_holder_short_waits_prestarted"],
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "deployment_overhead.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -141,7 +145,8 @@ def markdown(out: dict[str, Any]) -> str:
     names = list(out["modes"])
     medians = out["median_overhead_per_message_s"]
     lines = [
-        "# Per-message overhead in deployment: Flower's ClientApp per message, model holders, short waits",
+        "# Per-message overhead in deployment: Flower's ClientApp per message, model holders, short waits, "
+        "prestarted ClientApps",
         "",
         f"SmolLM2 (default model), {out['nodes']} SuperNode on loopback serving one client; settings "
         f"`{json.dumps(out['settings'])}`; commit {out['commit']}; {out['machine']['cores']} cores. "

@@ -84,6 +84,7 @@ class LoopbackFederation:
     nodes: int
     holders: bool
     short_waits: bool = False  # ``elora-fed supernode`` (clients.supernode) instead of ``flower-supernode``
+    prestart: bool = True  # with short waits: prestarted ClientApps (clients.prestarted), or ``--no-prestart``
 
     def start_node(self, i: int) -> None:
         """SuperNode ``i`` (and, with holders, its model holder first); restarting one reuses its holder file."""
@@ -100,7 +101,8 @@ class LoopbackFederation:
                         raise TimeoutError(f"model holder {i} wrote no {file} in 120 s")
                     time.sleep(0.2)
             node_config += f" model-holder='{file}'"
-        launcher = [str(BIN / "elora-fed"), "supernode", "--"] if self.short_waits else [str(BIN / "flower-supernode")]
+        ours = [str(BIN / "elora-fed"), "supernode", *([] if self.prestart else ["--no-prestart"]), "--"]
+        launcher = ours if self.short_waits else [str(BIN / "flower-supernode")]
         node = [*launcher, "--insecure", "--superlink", f"127.0.0.1:{self.port}"]
         self.start(f"supernode-{i}", [*node, "--port", str(free_port()), "--node-config", node_config], self.env)
 
@@ -114,7 +116,12 @@ class LoopbackFederation:
 
 
 def start_federation(
-    start: Processes, env: Mapping[str, str], nodes: int, holders: bool, short_waits: bool = False
+    start: Processes,
+    env: Mapping[str, str],
+    nodes: int,
+    holders: bool,
+    short_waits: bool = False,
+    prestart: bool = True,
 ) -> LoopbackFederation:
     """A SuperLink on a free port, its ``FLWR_HOME`` connection ``loopback``, and ``nodes`` SuperNodes."""
     port = free_port()
@@ -125,7 +132,7 @@ def start_federation(
     superlink = [str(BIN / "flower-superlink"), "--insecure", "--database", str(start.log_dir / "state.db")]
     start("superlink", [*superlink, "--port", str(port), "--disable-runtime-dependency-installation"], full_env)
     wait_for_port(port)
-    federation = LoopbackFederation(start, full_env, port, nodes, holders, short_waits)
+    federation = LoopbackFederation(start, full_env, port, nodes, holders, short_waits, prestart)
     for i in range(nodes):
         federation.start_node(i)
     return federation

@@ -77,6 +77,8 @@ def test_with_model_holders_a_supernode_restarted_mid_run_loses_only_its_replies
         ]
         assert len(served) >= 2, logs[f"holder-{i}"]
         assert all(line.endswith(("model loads 0)", "model loads 1)")) for line in served), logs[f"holder-{i}"]
+        # elora-fed supernode handed its messages to ClientApp processes started before them (clients/prestarted.py)
+        assert "ClientApp handed to prestarted worker-" in logs[f"supernode-{i}"], logs[f"supernode-{i}"][-3000:]
         assert served[-1].endswith("model loads 1)")
 
 
