@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BufferedIOBase
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +81,13 @@ class Worker:
     process: subprocess.Popen[bytes]
     socket_path: Path
 
-    @property
-    def ready_file(self) -> Path:
-        return self.socket_path.with_suffix(".ready")
-
     def ready(self) -> bool:
-        return self.process.poll() is None and self.ready_file.exists()
+        return self.process.poll() is None and _ready_file(self.socket_path).exists()
+
+
+def _ready_file(socket_path: Path) -> Path:
+    """Where a worker says it is waiting (Flower's task_worker writes it, then removes it once busy)."""
+    return socket_path.with_suffix(".ready")
 
 
 def serve(socket_path: Path, parent_pid: int) -> int:
@@ -105,7 +106,7 @@ def serve(socket_path: Path, parent_pid: int) -> int:
 
     return task_worker.serve_prestarted_worker(
         socket_path,
-        socket_path.with_suffix(".ready"),
+        _ready_file(socket_path),
         socket_path.with_suffix(".busy"),
         run_once,
         Invocation.from_payload,
@@ -116,8 +117,8 @@ def serve(socket_path: Path, parent_pid: int) -> int:
 class PrestartedClientApps(SubprocessExecutor):
     """Flower's ``SubprocessExecutor``, with ClientApps handed to a worker started ahead of them."""
 
-    def __init__(self, directory: Path | None = None) -> None:
-        self._directory = directory or Path(tempfile.mkdtemp(prefix="elora-fed-clientapps-"))
+    def __init__(self) -> None:
+        self._directory = Path(tempfile.mkdtemp(prefix="elora-fed-clientapps-"))
         self._started = 0
         self._next: Worker | None = None
         self._lock = threading.Lock()
@@ -171,9 +172,7 @@ def _hand_over(worker: Worker, spec: ExecutionSpec) -> BufferedIOBase | None:
         connection.settimeout(None)
         return channel  # keeps the socket open until closed
     except (OSError, ValueError) as err:
-        print(
-            f"prestarted ClientApp {worker.socket_path.name} failed ({err}); starting flwr-clientapp", file=sys.stderr
-        )
+        log(WARNING, "prestarted %s failed (%s); starting flwr-clientapp", worker.socket_path.stem, err)
         connection.close()
         return None
 

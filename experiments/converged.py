@@ -317,7 +317,7 @@ def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: 
         for base, name in (("qlora", "qlora"), ("random", "random"), ("mtl-ft", "mtlft")):
             if candidate in by_method and base in by_method:
                 out.update(
-                    {prefix + k: v for k, v in compare(by_method[candidate], by_method[base], name, exp).items()}
+                    {prefix + k: v for k, v in compare(by_method[candidate], by_method[base], name, exp.metric).items()}
                 )
     if exp.extend is not None:
         exp.extend(by_method, out)
@@ -328,7 +328,7 @@ def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: 
     return out
 
 
-def compare(runs: list[Run], reference: list[Run], name: str, exp: Experiment) -> dict[str, Any]:
+def compare(runs: list[Run], reference: list[Run], name: str, metric: str = "test_loss") -> dict[str, Any]:
     """``runs`` against ``reference`` on the seeds both have finished (seeds change the splits)."""
     common = {r["settings"]["seed"] for r in runs} & {r["settings"]["seed"] for r in reference}
     ours = [r for r in runs if r["settings"]["seed"] in common]
@@ -343,7 +343,7 @@ def compare(runs: list[Run], reference: list[Run], name: str, exp: Experiment) -
         f"compute_ratio_vs_{name}": ratio(paper_flops),
         f"compute_ratio_vs_{name}_full": ratio(full_flops),
     }
-    diff = per_client_difference(runs, reference, exp.metric)
+    diff = per_client_difference(runs, reference, metric)
     if len(diff):
         out[f"paired_mean_difference_vs_{name}"] = float(diff.mean())
         out[f"paired_ci_vs_{name}"] = bootstrap_interval(diff)

@@ -68,7 +68,7 @@ def test_a_comparison_uses_only_the_seeds_both_methods_finished():
 
     centered = [run(0, 4.0, 110.0), run(1, 3.0, 110.0)]
     one = [run(0, 5.0, 100.0), run(2, 1.0, 1.0)]
-    out = runner.compare(centered, one, "qlora", SHAKESPEARE)
+    out = runner.compare(centered, one, "qlora", SHAKESPEARE.metric)
     assert out["seeds_vs_qlora"] == [0]
     assert out["loss_change_vs_qlora"] == pytest.approx(4.0 / 5.0 - 1)
     assert out["compute_ratio_vs_qlora"] == pytest.approx(1.1)
