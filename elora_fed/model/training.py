@@ -59,10 +59,13 @@ def train_adapter(
     seed: int = 0,
     objective: Objective = sample_log_loss,
     proximal_mu: float = 0.0,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """``steps`` Adam steps on the trainable parameters, one batch per step in a seeded order.
 
     ``proximal_mu > 0`` adds FedProx's (mu / 2) |x - x_0|^2 towards the starting weights.
+    ``after_step(t)`` runs after step t (1-based), so one run can be measured at several
+    lengths: the first t steps of a longer run are exactly a t-step run with the same seed.
     Returns the training loss (without the proximal term) of every step. Raises
     ZeroGradientError at a step whose gradients are all exactly zero at a finite loss.
     """
@@ -87,6 +90,9 @@ def train_adapter(
         check_gradients(model, loss, (p.grad for p in params), f"training step {step}")
         optimizer.step()
         losses.append(float(loss.detach()))
+        if after_step is not None:
+            after_step(step + 1)
+            model.train()
     model.eval()
     return losses
 

@@ -1,0 +1,277 @@
+"""Does the surrogate rank subsets for the same member as real fine-tuning does? And is T right?
+
+The affinity matrix depends on how the sketch-space estimate orders different subsets for
+one member, not on its level (the level is mostly the member's loss before fine-tuning,
+which `experiments/estimation_error.py` shows is easy). This script measures that order,
+on roles and subsets other than estimation_error's: the 21st to 30th largest Shakespeare
+roles (SmolLM2-135M, LoRA r = 4 on q, v, 32-token samples, at most 40 per role), every
+single role, 30 random pairs of them, and 2 calibration subsets of 3 to 5 roles.
+
+Every subset is really fine-tuned from theta* for 100 Adam steps (5x estimation_error's 20),
+and each member's validation loss log(1 + exp(-h)) is measured after 20, 40 and 100 steps
+of that one run (the first t steps of it are a t-step run). Training runs under bf16
+autocast where the CPU has it, every loss is measured in fp32. The surrogate estimates the
+same losses at d = 400, with the default lambda (``affinity.lam``) and with lambda
+calibrated on the calibration subsets at each length. Reported per (length, lambda):
+- ``within_member_order_agreement``: over every member and every two subsets that contain
+  it, the share of pairs the estimate orders as real fine-tuning does (chance: 0.5);
+- ``kendall_tau``: Kendall's tau between estimated and real loss over one member's
+  subsets, averaged over members;
+- ``spearman_of_change``: Spearman of f^ - f(theta*) against f - f(theta*), pooled;
+- ``pairwise_transfer_spearman``: what T claims, checked directly. For the 30 pairs in
+  both directions (60 cases), the real gain of i from fine-tuning on {i, j} rather than
+  {i}, f_i({i}) - f_i({i, j}), against the affinity A_ij the pipeline clusters on
+  (``affinity_from_features`` with the default subset size and count);
+  ``pairwise_transfer_spearman_direct`` uses the surrogate's own f^_i({i}) - f^_i({i, j}).
+
+Resumable: each fine-tuned subset is stored in ``--work`` as it finishes and skipped on
+restart, so the run survives interruption.
+
+    python experiments/surrogate_ranking.py [--work runs/surrogate_ranking]
+
+Writes experiments/results/surrogate_ranking.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau, spearmanr
+
+from elora_fed.data.config import DataConfig
+from elora_fed.data.federated_data import load_lm_clients
+from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
+from elora_fed.model.batches import Batch, lm_batch
+from elora_fed.model.compute import compute_context, resolve_compute_dtype
+from elora_fed.model.config import AdapterConfig, ModelConfig
+from elora_fed.model.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
+from elora_fed.model.training import evaluate_log_loss, train_adapter
+from elora_fed.sketch.gradients import gradient_dim, per_sample_gradients
+from elora_fed.sketch.projection import JLProjector
+from elora_fed.surrogate.affinity import affinity_from_features
+from elora_fed.surrogate.config import AffinityConfig
+from elora_fed.surrogate.lambda_calibration import calibrate_lambda
+from elora_fed.surrogate.subset_solver import solve_subsets
+from elora_fed.surrogate.task_features import TaskFeatures
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ADAPTER = AdapterConfig(rank=4, alpha=8, target_modules="q_proj,v_proj", seed=0)
+LAMBDA_GRID = [float(x) for x in np.logspace(-4, 1, 21)]
+LENGTHS = (1, 2, 5)  # multiples of --steps, measured along each run
+SKIP_ROLES = 20  # estimation_error.py uses the 20 largest roles
+DIM = 400
+
+
+def batches_of(tokens: np.ndarray, size: int) -> list[Batch]:
+    return [lm_batch(tokens[i : i + size]) for i in range(0, len(tokens), size)]
+
+
+def plan_subsets(n: int, pairs: int, calibration: int, seed: int) -> dict[str, list[tuple[int, ...]]]:
+    """Every single role, ``pairs`` distinct random pairs, and calibration subsets of 3 to 5 roles."""
+    rng = np.random.RandomState(seed)
+    all_pairs = list(itertools.combinations(range(n), 2))
+    chosen = [all_pairs[k] for k in sorted(rng.choice(len(all_pairs), size=pairs, replace=False))]
+    return {
+        "singles": [(i,) for i in range(n)],
+        "pairs": chosen,
+        "calibration": [
+            tuple(sorted(rng.choice(n, size=rng.randint(3, 6), replace=False).tolist())) for _ in range(calibration)
+        ],
+    }
+
+
+def within_member_order(
+    est: dict[tuple[int, ...], np.ndarray], real: dict[tuple[int, ...], np.ndarray], n: int
+) -> tuple[float, float, int]:
+    """(order agreement, mean Kendall tau): per member, over the subsets that contain it."""
+    agree, total, taus = 0, 0, []
+    for i in range(n):
+        rows = [(est[s][s.index(i)], real[s][s.index(i)]) for s in real if i in s]
+        e, r = np.array(rows).T
+        for a, b in itertools.combinations(range(len(rows)), 2):
+            if r[a] == r[b]:
+                continue
+            total += 1
+            agree += int(np.sign(e[a] - e[b]) == np.sign(r[a] - r[b]))
+        taus.append(kendalltau(e, r).statistic)
+    return agree / total, float(np.nanmean(taus)), total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--roles", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=30)
+    parser.add_argument("--calibration-subsets", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="the base length (estimation_error.py's 20)")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--work", type=Path, default=Path("runs/surrogate_ranking"))
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="model name or path (tests use a tiny one)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where surrogate_ranking.{json,md} go")
+    args = parser.parse_args()
+    lengths = [args.steps * k for k in LENGTHS]
+    model_config = ModelConfig(name=args.model)
+    tokenizer = load_tokenizer(model_config)
+    data = load_lm_clients(
+        DataConfig(seq_len=32, num_clients=SKIP_ROLES + args.roles, max_samples_per_client=40), tokenizer
+    )
+    clients = data.clients[SKIP_ROLES:]
+    if len(clients) < args.roles:
+        raise SystemExit(f"need {SKIP_ROLES + args.roles} roles, the data has {len(data.clients)}")
+    model = attach_lora(load_base_model(model_config), ADAPTER)
+    theta_star = adapter_state(model)
+    val_batches = [batches_of(c.splits["validation"], args.batch_size) for c in clients]
+    train_batches = [batches_of(c.splits["train"], args.batch_size) for c in clients]
+    n = len(clients)
+    plan = plan_subsets(n, args.pairs, args.calibration_subsets, seed=1)
+    subsets = [s for kind in ("singles", "pairs", "calibration") for s in plan[kind]]
+
+    # Real fine-tuning, resumable: one file per finished subset.
+    args.work.mkdir(parents=True, exist_ok=True)
+    training = compute_context(model_config)
+    finetune_s = 0.0
+    real: dict[int, dict[tuple[int, ...], np.ndarray]] = {t: {} for t in lengths}
+    for k, subset in enumerate(subsets):
+        path = args.work / f"subset-{'-'.join(map(str, subset))}.json"
+        if not path.exists():
+            load_adapter_state(model, theta_star)
+            measured: dict[str, list[float]] = {}
+
+            def measure(step: int, subset: tuple[int, ...] = subset, measured: dict[str, list[float]] = measured):
+                if step in lengths:
+                    model.eval()
+                    with torch.autocast("cpu", enabled=False):
+                        measured[str(step)] = [float(evaluate_log_loss(model, val_batches[i]).mean()) for i in subset]
+
+            start = time.perf_counter()
+            with training:
+                train_adapter(
+                    model,
+                    [b for i in subset for b in train_batches[i]],
+                    max(lengths),
+                    args.lr,
+                    seed=k,
+                    after_step=measure,
+                )
+            seconds = time.perf_counter() - start
+            path.write_text(json.dumps({"subset": list(subset), "losses": measured, "seconds": seconds}) + "\n")
+            print(
+                f"subset {k + 1}/{len(subsets)} {subset}: {measured[str(max(lengths))]} ({seconds:.1f} s)", flush=True
+            )
+        stored = json.loads(path.read_text())
+        if sorted(map(int, stored["losses"])) != lengths:
+            raise SystemExit(f"{path} holds lengths {sorted(stored['losses'])}, not {lengths}: use another --work")
+        finetune_s += stored["seconds"]
+        for t in lengths:
+            real[t][subset] = np.array(stored["losses"][str(t)])
+
+    # Sketches: one fp32 gradient pass over every train and validation sample.
+    start = time.perf_counter()
+    projector = JLProjector(gradient_dim(model), DIM, seed=0)
+    load_adapter_state(model, theta_star)
+    tasks = []
+    for c, train, val in zip(clients, train_batches, val_batches, strict=True):
+        pieces = [per_sample_gradients(model, b) for b in train + val]
+        n_train = sum(len(b) for b in train)
+        h = torch.cat([p[0] for p in pieces])
+        g = projector.project(torch.cat([p[1] for p in pieces]))
+        tasks.append(TaskFeatures(c.client_id, h[:n_train], g[:n_train], h[n_train:], g[n_train:]))
+    sketch_s = time.perf_counter() - start
+    base = np.array([float(torch.nn.functional.softplus(-t.val_outputs).mean()) for t in tasks])
+
+    defaults = AffinityConfig()
+    evaluated = plan["singles"] + plan["pairs"]
+    results: dict[str, Any] = {}
+    for t in lengths:
+        calibration = [(s, real[t][s]) for s in plan["calibration"]]
+        for name, lam in (("default", defaults.lam), ("calibrated", calibrate_lambda(tasks, calibration, LAMBDA_GRID))):
+            estimates = solve_subsets(tasks, evaluated, lam)
+            est = {s: estimates.losses[k, : len(s)] for k, s in enumerate(evaluated)}
+            real_t = {s: real[t][s] for s in evaluated}
+            agreement, tau, comparisons = within_member_order(est, real_t, n)
+            est_flat = np.concatenate([est[s] for s in evaluated])
+            real_flat = np.concatenate([real_t[s] for s in evaluated])
+            base_flat = np.concatenate([base[list(s)] for s in evaluated])
+            affinity = affinity_from_features(tasks, defaults.subset_size, defaults.num_subsets, lam, defaults.seed)
+            real_gain, claimed, direct = [], [], []
+            for i, j in plan["pairs"]:
+                for a, b in ((i, j), (j, i)):
+                    pair = real_t[(i, j)][(i, j).index(a)]
+                    real_gain.append(real_t[(a,)][0] - pair)
+                    claimed.append(affinity.affinity[a, b])
+                    direct.append(est[(a,)][0] - est[(i, j)][(i, j).index(a)])
+            results[f"{t}/{name}"] = {
+                "steps": t,
+                "lambda_kind": name,
+                "lambda": lam,
+                "within_member_order_agreement": agreement,
+                "order_comparisons": comparisons,
+                "kendall_tau": tau,
+                "spearman_of_change": float(spearmanr(est_flat - base_flat, real_flat - base_flat).statistic),
+                "relative_error": float(np.mean(np.abs(est_flat - real_flat) / real_flat)),
+                "mean_real_change": float(np.mean(real_flat - base_flat)),
+                "pairwise_transfer_spearman": float(spearmanr(claimed, real_gain).statistic),
+                "pairwise_transfer_spearman_direct": float(spearmanr(direct, real_gain).statistic),
+                "pairwise_cases": len(real_gain),
+                "real_gain_positive_share": float(np.mean(np.array(real_gain) > 0)),
+            }
+            print(f"{t} steps, {name} lambda {lam:.3g}: {json.dumps(results[f'{t}/{name}'])}", flush=True)
+
+    report = {
+        "setup": {
+            "model": args.model,
+            "adapter": "LoRA r=4, alpha=8, q_proj,v_proj",
+            "roles": [c.client_id for c in clients],
+            "roles_skipped": f"the {SKIP_ROLES} largest, which estimation_error.py uses",
+            "seq_len": 32,
+            "samples_per_role": "at most 40",
+            "subsets": {kind: [list(s) for s in v] for kind, v in plan.items()},
+            "finetune": f"{max(lengths)} Adam steps, lr {args.lr}, batch {args.batch_size}, loss log(1 + exp(-h)), "
+            f"measured after {lengths} steps",
+            "training_compute_dtype": resolve_compute_dtype(model_config),
+            "sketch_dim": DIM,
+            "affinity": {
+                "subset_size": defaults.subset_size,
+                "num_subsets": defaults.num_subsets,
+                "default_lambda": defaults.lam,
+            },
+        },
+        "finetune_s": finetune_s,
+        "sketch_s": sketch_s,
+        "within_member_order_agreement": {
+            str(t): results[f"{t}/default"]["within_member_order_agreement"] for t in lengths
+        },
+        "pairwise_transfer_spearman": {str(t): results[f"{t}/default"]["pairwise_transfer_spearman"] for t in lengths},
+        "by_length": results,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "surrogate_ranking.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        "# The surrogate's within-member ranking and pairwise transfer",
+        "",
+        f"{n} roles ({SKIP_ROLES + 1}st to {SKIP_ROLES + n}th largest), {len(plan['pairs'])} pairs and every single role, "
+        f"d = {DIM}; written by `experiments/surrogate_ranking.py`. Chance order agreement is 0.5.",
+        "",
+        "| fine-tuning steps | lambda | order agreement | Kendall tau | Spearman of change | "
+        "T vs real pair gain | direct estimate vs real pair gain |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results.values():
+        lines.append(
+            f"| {r['steps']} | {r['lambda_kind']} {r['lambda']:.2g} | {r['within_member_order_agreement']:.3f} | "
+            f"{r['kendall_tau']:.3f} | {r['spearman_of_change']:.3f} | {r['pairwise_transfer_spearman']:.3f} | "
+            f"{r['pairwise_transfer_spearman_direct']:.3f} |"
+        )
+    (args.results / "surrogate_ranking.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
