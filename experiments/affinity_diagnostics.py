@@ -9,13 +9,20 @@ For every run directory given (``runs/converged/ensemble-seed*/pipeline-*`` of
   (``ari_vs_plays_without_offsets``), with their agreement (``ari_with_without_offsets``);
 - the learned weights: the share of clients whose largest weight exceeds 0.99 (one-hot),
   the share whose largest weight is on their own group, and test loss under the learned
-  weights against the client's own group adapter alone.
+  weights against the client's own group adapter alone and, where the run directory
+  still holds its adapters, uniform weights over the groups (each client's test split
+  rescored with ``elora_fed.load_ensemble``; the learned weights are rescored beside it,
+  as a check against the run's own number).
 
 Writes ``experiments/results/affinity_diagnostics.{json,md}``. The within-member ranking of
-the surrogate, the pairwise-transfer check and the m sweep need new fine-tuning runs and
-are not part of this script yet.
+the surrogate and the pairwise-transfer check are ``experiments/surrogate_ranking.py``;
+the m sweep needs new end-to-end runs and is not part of this script.
 
     python experiments/affinity_diagnostics.py runs/converged/ensemble-seed*/pipeline-*
+
+Runs already in the results JSON are kept, so runs can be added one at a time. Means are
+per affinity variant (``affinity.offsets``); a run with offsets removed saved its affinity
+with them removed, so its offset share is near 0 by construction.
 """
 
 from __future__ import annotations
@@ -27,11 +34,32 @@ from typing import Any
 
 import numpy as np
 
+from elora_fed.data.federated_data import load_lm_clients
+from elora_fed.ensemble.inference import load_ensemble
 from elora_fed.grouping.clustering import cluster
 from elora_fed.grouping.partitions import adjusted_rand_index, canonical_labels
 from elora_fed.surrogate.affinity import offset_variance_share, remove_offsets
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def rescored_test_loss(run_dir: Path) -> dict[str, float]:
+    """Mean over clients of test loss per target under learned and under uniform group weights."""
+    ensemble = load_ensemble(run_dir)
+    data = {c.client_id: c for c in load_lm_clients(ensemble.config.data, ensemble.tokenizer).clients}
+    learned = dict(ensemble.weights)
+    m = len(ensemble.groups)
+    losses: dict[str, list[float]] = {"learned": [], "uniform": []}
+    for name, weights in (("learned", learned), ("uniform", {c: [1.0 / m] * m for c in learned})):
+        ensemble.weights = weights
+        for client in ensemble.clients:
+            scores = ensemble.score_ids(client, data[client].splits["test"].tolist())
+            losses[name].append(float(-np.mean([p for s in scores for p in s.log_probs])))
+    ensemble.weights = learned
+    return {
+        "test_loss_learned_weights_rescored": float(np.mean(losses["learned"])),
+        "test_loss_uniform_weights": float(np.mean(losses["uniform"])),
+    }
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:
@@ -48,6 +76,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
     on_own = [max(r["weights"], key=r["weights"].get) == str(r["group"]) for r in rows]
     return {
         "run_dir": str(run_dir),
+        "offsets": config.get("affinity.offsets", "keep"),
         "num_clients": len(clients),
         "num_groups": m,
         "group_sizes": sorted(np.bincount(labels).tolist(), reverse=True),
@@ -62,6 +91,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
         "test_loss_learned_weights": report["average"]["ensemble"]["test_loss"],
         "test_loss_own_group": report["average"]["own_group"]["test_loss"],
         "test_loss_base": report["average"]["base_model"]["test_loss"],
+        **(rescored_test_loss(run_dir) if (run_dir / "adapters").exists() else {}),
     }
 
 
@@ -70,25 +100,43 @@ def main() -> None:
     parser.add_argument("run_dirs", type=Path, nargs="+")
     parser.add_argument("--name", default="affinity_diagnostics")
     args = parser.parse_args()
-    runs = [diagnose(d) for d in args.run_dirs]
-    keys = [k for k, v in runs[0].items() if isinstance(v, float)]
-    out = {
-        "runs": runs,
-        "mean": {k: float(np.mean([r[k] for r in runs])) for k in keys},
+    # Runs diagnosed before stay in the results (their directories may be gone); a run
+    # directory given again is diagnosed again.
+    path = RESULTS / f"{args.name}.json"
+    given = {str(d) for d in args.run_dirs}
+    kept = [r for r in json.loads(path.read_text())["runs"] if r["run_dir"] not in given] if path.exists() else []
+    runs = kept + [diagnose(d) for d in args.run_dirs]
+    keys = list(dict.fromkeys(k for r in runs for k, v in r.items() if isinstance(v, float)))
+    # Means are per affinity variant: a mean over raw and offsets-removed runs says nothing.
+    variants = sorted({r.get("offsets", "keep") for r in runs})
+    of = {v: [r for r in runs if r.get("offsets", "keep") == v] for v in variants}
+    mean = {
+        v: {k: float(np.mean([r[k] for r in of[v] if k in r])) for k in keys if any(k in r for r in of[v])}
+        for v in variants
     }
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    path.write_text(json.dumps({"runs": runs, "mean_by_offsets": mean}, indent=2) + "\n")
     lines = [
         "# Affinity diagnostics",
         "",
         f"{len(runs)} EnsembleLoRA runs; written by `experiments/affinity_diagnostics.py`.",
         "",
-        "| measure | " + " | ".join(Path(r["run_dir"]).parent.name for r in runs) + " | mean |",
-        "| --- | " + " | ".join("---" for _ in runs) + " | --- |",
+        "| measure | "
+        + " | ".join(Path(r["run_dir"]).parent.name for r in runs)
+        + " | "
+        + " | ".join(f"mean, offsets {v}" for v in variants)
+        + " |",
+        "| --- | " + " | ".join("---" for _ in [*runs, *variants]) + " |",
     ]
     for k in keys:
-        lines.append(f"| {k} | " + " | ".join(f"{r[k]:.4f}" for r in runs) + f" | {out['mean'][k]:.4f} |")
-    lines.append("| group sizes | " + " | ".join(str(r["group_sizes"]) for r in runs) + " | |")
-    lines.append("| without offsets | " + " | ".join(str(r["group_sizes_without_offsets"]) for r in runs) + " | |")
+        cells = [f"{r[k]:.4f}" if k in r else "" for r in runs] + [
+            f"{mean[v][k]:.4f}" if k in mean[v] else "" for v in variants
+        ]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    blank = " |" * len(variants)
+    lines.append("| group sizes | " + " | ".join(str(r["group_sizes"]) for r in runs) + " |" + blank)
+    lines.append(
+        "| without offsets | " + " | ".join(str(r["group_sizes_without_offsets"]) for r in runs) + " |" + blank
+    )
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
