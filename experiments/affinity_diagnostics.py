@@ -28,6 +28,7 @@ with them removed, so its offset share is near 0 by construction.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from elora_fed.data.federated_data import load_lm_clients
-from elora_fed.ensemble.inference import load_ensemble
+from elora_fed.ensemble.inference import RunEnsemble, load_ensemble
 from elora_fed.grouping.clustering import cluster
 from elora_fed.grouping.partitions import adjusted_rand_index, canonical_labels
 from elora_fed.surrogate.affinity import offset_variance_share, remove_offsets
@@ -47,19 +48,17 @@ def rescored_test_loss(run_dir: Path) -> dict[str, float]:
     """Mean over clients of test loss per target under learned and under uniform group weights."""
     ensemble = load_ensemble(run_dir)
     data = {c.client_id: c for c in load_lm_clients(ensemble.config.data, ensemble.tokenizer).clients}
-    learned = dict(ensemble.weights)
     m = len(ensemble.groups)
-    losses: dict[str, list[float]] = {"learned": [], "uniform": []}
-    for name, weights in (("learned", learned), ("uniform", {c: [1.0 / m] * m for c in learned})):
-        ensemble.weights = weights
-        for client in ensemble.clients:
-            scores = ensemble.score_ids(client, data[client].splits["test"].tolist())
-            losses[name].append(float(-np.mean([p for s in scores for p in s.log_probs])))
-    ensemble.weights = learned
-    return {
-        "test_loss_learned_weights_rescored": float(np.mean(losses["learned"])),
-        "test_loss_uniform_weights": float(np.mean(losses["uniform"])),
-    }
+    uniform = dataclasses.replace(ensemble, weights={c: [1.0 / m] * m for c in ensemble.weights})
+
+    def mean_loss(weighted: RunEnsemble) -> float:
+        per_client = []
+        for client in weighted.clients:
+            scores = weighted.score_ids(client, data[client].splits["test"].tolist())
+            per_client.append(-np.mean([p for s in scores for p in s.log_probs]))
+        return float(np.mean(per_client))
+
+    return {"test_loss_learned_weights_rescored": mean_loss(ensemble), "test_loss_uniform_weights": mean_loss(uniform)}
 
 
 def diagnose(run_dir: Path) -> dict[str, Any]:

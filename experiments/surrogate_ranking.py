@@ -50,12 +50,12 @@ from scipy.stats import kendalltau, spearmanr
 from elora_fed.data.config import DataConfig
 from elora_fed.data.federated_data import load_lm_clients
 from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
-from elora_fed.model.batches import Batch, lm_batch
+from elora_fed.model.batches import client_batches
 from elora_fed.model.compute import compute_context, resolve_compute_dtype
 from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
 from elora_fed.model.training import evaluate_log_loss, train_adapter
-from elora_fed.sketch.gradients import gradient_dim, per_sample_gradients
+from elora_fed.sketch.gradients import gradient_dim, sketch_batches
 from elora_fed.sketch.projection import JLProjector
 from elora_fed.surrogate.affinity import affinity_from_features
 from elora_fed.surrogate.config import AffinityConfig
@@ -69,10 +69,6 @@ LAMBDA_GRID = [float(x) for x in np.logspace(-4, 1, 21)]
 LENGTHS = (1, 2, 5)  # multiples of --steps, measured along each run
 SKIP_ROLES = 20  # estimation_error.py uses the 20 largest roles
 DIM = 400
-
-
-def batches_of(tokens: np.ndarray, size: int) -> list[Batch]:
-    return [lm_batch(tokens[i : i + size]) for i in range(0, len(tokens), size)]
 
 
 def plan_subsets(n: int, pairs: int, calibration: int, seed: int) -> dict[str, list[tuple[int, ...]]]:
@@ -117,7 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--work", type=Path, default=RESULTS / "surrogate_ranking", help="one JSON per fine-tuned subset"
     )
-    parser.add_argument("--model", default=EMBEDDED_MODEL, help="model name or path (tests use a tiny one)")
+    parser.add_argument("--model", default=EMBEDDED_MODEL, help="model name or path (tiny-random for a smoke run)")
     parser.add_argument(
         "--shard",
         default="0/1",
@@ -141,8 +137,9 @@ def main() -> None:
         raise SystemExit(f"need {SKIP_ROLES + args.roles} roles, the data has {len(data.clients)}")
     model = attach_lora(load_base_model(model_config), ADAPTER)
     theta_star = adapter_state(model)
-    val_batches = [batches_of(c.splits["validation"], args.batch_size) for c in clients]
-    train_batches = [batches_of(c.splits["train"], args.batch_size) for c in clients]
+    # LM samples need no padding: every row has seq_len + 1 tokens.
+    val_batches = [[b for _, b in client_batches(c, "validation", args.batch_size, 0)] for c in clients]
+    train_batches = [[b for _, b in client_batches(c, "train", args.batch_size, 0)] for c in clients]
     n = len(clients)
     plan = plan_subsets(n, args.pairs, args.calibration_subsets, seed=1)
     subsets = [s for kind in ("singles", "pairs", "calibration") for s in plan[kind]]
@@ -188,7 +185,7 @@ def main() -> None:
         for t in lengths:
             real[t][subset] = np.array(stored["losses"][str(t)])
 
-    done = sum(len(v) for v in real.values()) // len(lengths)
+    done = len(real[lengths[0]])
     if done < len(subsets):
         print(
             f"{done} of {len(subsets)} subsets fine-tuned; the others belong to other shards. Run again when they finish."
@@ -201,11 +198,8 @@ def main() -> None:
     load_adapter_state(model, theta_star)
     tasks = []
     for c, train, val in zip(clients, train_batches, val_batches, strict=True):
-        pieces = [per_sample_gradients(model, b) for b in train + val]
-        n_train = sum(len(b) for b in train)
-        h = torch.cat([p[0] for p in pieces])
-        g = projector.project(torch.cat([p[1] for p in pieces]))
-        tasks.append(TaskFeatures(c.client_id, h[:n_train], g[:n_train], h[n_train:], g[n_train:]))
+        t, v = sketch_batches(model, train, projector), sketch_batches(model, val, projector)
+        tasks.append(TaskFeatures(c.client_id, t.outputs, t.features, v.outputs, v.features))
     sketch_s = time.perf_counter() - start
     base = np.array([float(torch.nn.functional.softplus(-t.val_outputs).mean()) for t in tasks])
 
