@@ -73,6 +73,7 @@ class Experiment:
     core: tuple[str, ...] = ("ensemble", "qlora", "random")
     extra: tuple[str, ...] = ("ensemble-centered", "mtl-ft", "cosine", "local", "qlora-matched")
     nf4: tuple[str, ...] = ("ensemble", "qlora")
+    m_sweep: tuple[int, ...] = ()  # EnsembleLoRA at these fixed m (clustering.num_groups), first seed
     metric: str = "test_loss"
     extend: Callable[[dict[str, list[Run]], dict[str, Any]], None] | None = field(default=None, compare=False)
 
@@ -81,8 +82,20 @@ def plan(exp: Experiment, seeds: list[int]) -> list[tuple[str, int, str]]:
     """(method, seed, precision) in the order they run: core methods seed by seed, then the rest."""
     runs = [(m, s, "bf16") for s in seeds for m in exp.core]
     runs += [(m, seeds[0], "bf16") for m in exp.extra]
+    runs += [(sweep_method(m), seeds[0], "bf16") for m in exp.m_sweep]
     runs += [(m, seeds[0], "nf4") for m in exp.nf4]
     return runs
+
+
+def sweep_method(m: int) -> str:
+    """The m sweep's method name: EnsembleLoRA with ``clustering.num_groups = m``."""
+    return f"ensemble-m{m}"
+
+
+def sweep_m(method: str) -> int | None:
+    """The fixed m of an m-sweep method, None for any other method."""
+    prefix = "ensemble-m"
+    return int(method[len(prefix) :]) if method.startswith(prefix) and method[len(prefix) :].isdigit() else None
 
 
 def key_of(method: str, seed: int, precision: str) -> str:
@@ -132,6 +145,8 @@ def record(results: Path, key: str, settings: dict[str, Any], run_dir: Path, sec
         "num_groups": report["num_groups"],
         "group_sizes": report["group_sizes"],
         "boosts": report["boosts"],
+        # the combined prediction's validation loss; the weights are fit on it, so it is in-sample for them
+        "weights_validation_loss": next((m["validation_loss"] for m in metrics if m["phase"] == "weights"), None),
         "phases": {p: {"flops": v["flops"]["total"], "wall_s": v["wall_s"]} for p, v in accounting["phases"].items()},
         "curve": [
             {"round": m["round"], "validation_loss": m["validation_loss"], "train_loss": _mean(m["train_loss"])}
@@ -208,6 +223,8 @@ def settings_for(
     base = {**exp.protocol, **seeded(seed), "train.lr": budget["lr"], "train.rounds": budget["rounds"]}
     if precision == "nf4":
         base["model.precision"] = "nf4"
+    if (m := sweep_m(method)) is not None:
+        return {**base, **method_settings("ensemble", exp.finetune_steps, None), "clustering.num_groups": m}
     if method == "random":
         ens = done.get(key_of("ensemble", seed, precision))
         return None if ens is None else {**base, **method_settings("random", exp.finetune_steps, ens["num_groups"])}
@@ -230,9 +247,15 @@ def full_flops(run: dict[str, Any]) -> float:
     return float(sum(p["flops"] for p in run["phases"].values()))
 
 
-def runs_stage(exp: Experiment, results: Path, work: Path, budget: dict[str, Any], seeds: list[int]) -> None:
+def runs_stage(
+    exp: Experiment, results: Path, work: Path, budget: dict[str, Any], seeds: list[int], only: list[str] | None = None
+) -> None:
+    """The planned runs in order; ``only``: just these keys, in that order (the rest stay planned, for later)."""
     done: dict[str, Any] = {}
     pending = plan(exp, seeds)
+    if only is not None:
+        by_key = {key_of(*p): p for p in pending}
+        pending = [by_key[k] for k in only]
     while pending:
         for method, seed, precision in list(pending):
             key = key_of(method, seed, precision)
@@ -319,6 +342,8 @@ def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: 
                 out.update(
                     {prefix + k: v for k, v in compare(by_method[candidate], by_method[base], name, exp.metric).items()}
                 )
+    if exp.m_sweep:
+        out["m_sweep"] = {"seed": seeds[0], "rows": m_sweep_rows(exp, by_method, seeds[0])}
     if exp.extend is not None:
         exp.extend(by_method, out)
     results.mkdir(parents=True, exist_ok=True)
@@ -350,6 +375,36 @@ def compare(runs: list[Run], reference: list[Run], name: str, metric: str = "tes
     return out
 
 
+def m_sweep_rows(exp: Experiment, by_method: dict[str, list[Run]], seed: int) -> list[dict[str, Any]]:
+    """Test loss against m at the sweep's seed: one adapter (m = 1), each fixed m, and EnsembleLoRA's own choice.
+
+    Rows are sorted by the number of groups the clustering found (a rounded partition may have fewer than m).
+    """
+
+    def at_seed(name: str) -> list[Run]:
+        return [r for r in by_method.get(name, []) if r["settings"]["seed"] == seed]
+
+    one = at_seed("qlora")
+    rows = []
+    for name, m in [("qlora", 1), ("ensemble", "auto"), *((sweep_method(m), m) for m in exp.m_sweep)]:
+        for r in at_seed(name):
+            row = {
+                "method": name,
+                "m": m,
+                "groups": r["num_groups"],
+                "group_sizes": sorted(r["group_sizes"].values(), reverse=True),
+                "test_loss": r["average"]["ensemble"]["test_loss"],
+                "test_accuracy": r["average"]["ensemble"]["test_accuracy"],
+                "weights_validation_loss": r.get("weights_validation_loss"),
+            }
+            if name != "qlora" and one:
+                vs = compare([r], one, "qlora", exp.metric)
+                row["paired_mean_difference_vs_qlora"] = vs.get("paired_mean_difference_vs_qlora")
+                row["paired_ci_vs_qlora"] = vs.get("paired_ci_vs_qlora")
+            rows.append(row)
+    return sorted(rows, key=lambda row: row["groups"])
+
+
 def average_test_loss(run: dict[str, Any]) -> float:
     """A finished run's average test loss over its clients (the method's own prediction)."""
     return float(run["average"]["ensemble"]["test_loss"])
@@ -361,7 +416,9 @@ def plot(exp: Experiment, results: Path, out: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    sweep = out.get("m_sweep", {}).get("rows", [])
+    fig, axes = plt.subplots(1, 3 if sweep else 2, figsize=(16 if sweep else 11, 4))
+    left, right = axes[0], axes[1]
     for lr, points in out["budget"]["curves"].items():
         left.plot([p["round"] for p in points], [p["validation_loss"] for p in points], marker="o", label=f"lr {lr}")
     left.axvline(out["rounds"], color="grey", linestyle=":", label=f"chosen: {out['rounds']} rounds")
@@ -376,6 +433,11 @@ def plot(exp: Experiment, results: Path, out: dict[str, Any]) -> None:
         title=f"{exp.metric.replace('_', ' ')} against compute",
     )
     right.legend(fontsize=8)
+    if sweep:
+        axes[2].plot([r["groups"] for r in sweep], [r["test_loss"] for r in sweep], marker="o")
+        for r in sweep:
+            axes[2].annotate(f"m={r['m']}", (r["groups"], r["test_loss"]), fontsize=8)
+        axes[2].set(xlabel="groups found", ylabel="mean test loss", title=f"m sweep, seed {out['m_sweep']['seed']}")
     fig.suptitle(f"{out['runs_finished']} of {out['runs_planned']} runs")
     fig.tight_layout()
     fig.savefig(results.parent / f"{results.name}.png", dpi=110)
@@ -435,6 +497,24 @@ def markdown(exp: Experiment, out: dict[str, Any]) -> str:
             else:
                 shown = f"{value:.3f}x" if bare.startswith("compute") else f"{value:+.4f}"
             lines.append(f"- `{key}`: {shown}")
+    if out.get("m_sweep", {}).get("rows"):
+        lines += [
+            "",
+            f"m sweep, seed {out['m_sweep']['seed']}: EnsembleLoRA at fixed m, its automatic choice "
+            "and one adapter (m = 1). Validation loss is the combined prediction's, on the data its weights were "
+            "fit on.",
+            "",
+            "| method | m | groups found | group sizes | test loss | top-1 | validation loss | paired vs one adapter |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in out["m_sweep"]["rows"]:
+            ci = row.get("paired_ci_vs_qlora")
+            paired = f"{row['paired_mean_difference_vs_qlora']:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""
+            val = row["weights_validation_loss"]
+            lines.append(
+                f"| {row['method']} | {row['m']} | {row['groups']} | {row['group_sizes']} | {row['test_loss']:.4f} | "
+                f"{row['test_accuracy']:.4f} | {'' if val is None else f'{val:.4f}'} | {paired} |"
+            )
     if "per_task" in out:  # classification: accuracy per task, beside the majority-class baseline
         names = list(out["per_task"])
         lines += ["", "| task | majority | " + " | ".join(names) + " |", "| --- " * (len(names) + 2) + "|"]
@@ -453,17 +533,23 @@ def main(exp: Experiment) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs") / exp.name, help="where the run directories go")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stage", choices=("all", "curve", "report"), default="all")
+    parser.add_argument(
+        "--runs", nargs="+", metavar="KEY", help="run only these planned runs, in this order (e.g. ensemble-m2-seed0)"
+    )
     parser.add_argument("--curve-rounds", type=int, default=exp.curve_rounds)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="added to every run"
     )
     args = parser.parse_args()
     exp = replace(exp, protocol={**exp.protocol, **dict(parse_override(a) for a in args.overrides)})
+    planned = [key_of(*p) for p in plan(exp, args.seeds)]
+    if args.runs and (unknown := [k for k in args.runs if k not in planned]):
+        parser.error(f"--runs: {', '.join(unknown)} not in the plan; planned runs: {', '.join(planned)}")
     budget = curve_stage(exp, args.results, args.work, args.curve_rounds) if args.stage != "report" else None
     if budget is None:
         budget = choose_budget(exp, {lr: finished(args.results, f"curve-lr{lr}")["curve"] for lr in exp.curve_lrs})
     (args.results / "budget.json").write_text(json.dumps(budget, indent=2) + "\n")
     print(f"budget: lr {budget['lr']}, {budget['rounds']} rounds x {budget['local_steps']} local steps", flush=True)
     if args.stage == "all":
-        runs_stage(exp, args.results, args.work, budget, args.seeds)
+        runs_stage(exp, args.results, args.work, budget, args.seeds, args.runs)
     print(markdown(exp, write_report(exp, args.results, budget, args.seeds)))

@@ -35,6 +35,7 @@ SHAKESPEARE = Experiment(
     # Removing per-role offsets from the affinity is the candidate default: three seeds, like EnsembleLoRA.
     core=("ensemble", "qlora", "random", "ensemble-centered"),
     extra=("mtl-ft", "cosine", "local", "qlora-matched"),
+    m_sweep=(2, 3, 8),  # around the automatic choice, 5 at every seed (the paper: 10 to 30 of 500 roles)
 )
 
 if __name__ == "__main__":

@@ -124,3 +124,52 @@ def test_comparing_two_reports_finds_the_one_client_and_weight_that_changed():
     assert changed["largest_difference_per_client"] == {"test_loss": 0.25, "weights": 0.25}
     with pytest.raises(DataError, match="different clients"):
         compare(report(2.0, 0.5), {**report(2.0, 0.5), "clients": report(2.0, 0.5)["clients"][:1]})
+
+
+def test_the_m_sweep_fixes_the_number_of_groups_and_reports_loss_against_the_groups_found():
+    budget = {"lr": 0.002, "rounds": 4}
+    settings = runner.settings_for(SHAKESPEARE, runner.sweep_method(8), 0, "bf16", budget, {})
+    assert settings["clustering.num_groups"] == 8 and "strategies.clustering" not in settings
+    assert runner.sweep_m("ensemble-centered") is None and runner.sweep_m("ensemble-m12") == 12
+    order = runner.plan(SHAKESPEARE, [0, 1, 2])
+    assert [p for p in order if runner.sweep_m(p[0])] == [
+        (runner.sweep_method(m), 0, "bf16") for m in SHAKESPEARE.m_sweep
+    ]
+
+    def run(seed, groups, loss):
+        clients = [{"client_id": "x", "test_loss": loss}, {"client_id": "y", "test_loss": loss + 1}]
+        return {
+            "settings": {"seed": seed},
+            "num_groups": groups,
+            "group_sizes": {str(g): 1 for g in range(groups)},
+            "average": {"ensemble": {"test_loss": loss + 0.5, "test_accuracy": 0.1}},
+            "phases": {"train": {"flops": 1.0}},
+            "clients": clients,
+        }
+
+    by_method = {
+        "qlora": [run(0, 1, 4.0), run(1, 1, 0.0)],
+        "ensemble": [run(0, 5, 4.2)],
+        "ensemble-m2": [run(0, 2, 3.9)],
+        "ensemble-m8": [run(0, 7, 4.5)],  # the rounding found 7 groups
+    }
+    rows = runner.m_sweep_rows(SHAKESPEARE, by_method, 0)
+    assert [(r["m"], r["groups"]) for r in rows] == [(1, 1), (2, 2), ("auto", 5), (8, 7)]
+    assert rows[1]["paired_mean_difference_vs_qlora"] == pytest.approx(-0.1)  # seed 1's one adapter is left out
+    assert "paired_ci_vs_qlora" not in rows[0]
+
+
+def test_only_named_runs_run_and_in_the_order_given(tmp_path, monkeypatch):
+    ran = []
+
+    def execute(results, work, key, settings):
+        ran.append(key)
+        return {"num_groups": 3}
+
+    monkeypatch.setattr(runner, "execute", execute)
+    monkeypatch.setattr(runner, "write_report", lambda *args: None)
+    budget = {"lr": 0.002, "rounds": 4}
+    runner.runs_stage(SHAKESPEARE, tmp_path, tmp_path, budget, [0], only=["ensemble-m8-seed0", "ensemble-m2-seed0"])
+    assert ran == ["ensemble-m8-seed0", "ensemble-m2-seed0"]
+    with pytest.raises(RuntimeError, match="random"):  # it waits on ensemble-seed0, which is not to run
+        runner.runs_stage(SHAKESPEARE, tmp_path, tmp_path, budget, [0], only=["random-seed0"])
