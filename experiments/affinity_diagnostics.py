@@ -15,10 +15,13 @@ For every run directory given (``runs/converged/ensemble-seed*/pipeline-*`` of
   as a check against the run's own number).
 
 Writes ``experiments/results/affinity_diagnostics.{json,md}``. The within-member ranking of
-the surrogate and the pairwise-transfer check are ``experiments/surrogate_ranking.py``;
-the m sweep needs new end-to-end runs and is not part of this script.
+the surrogate and the pairwise-transfer check are measured by ``experiments/surrogate_ranking.py``,
+the m sweep by ``experiments/shakespeare_converged.py`` (it needs end-to-end runs); their
+results are collected here from ``surrogate_ranking.json`` and ``shakespeare_converged.json``
+(``collected``), so this JSON holds every affinity measure. Without run directories it
+only rebuilds from what is stored.
 
-    python experiments/affinity_diagnostics.py runs/converged/ensemble-seed*/pipeline-*
+    python experiments/affinity_diagnostics.py [runs/converged/ensemble-seed*/pipeline-*]
 
 Runs already in the results JSON are kept, so runs can be added one at a time. Means are
 per affinity variant (``affinity.offsets``); a run with offsets removed saved its affinity
@@ -94,9 +97,34 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def collected(mean: dict[str, dict[str, float]], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's affinity measures in one place: this script's (on the raw affinity, offsets kept) and,
+    where their scripts have written them, the surrogate's ranking and the m sweep."""
+    raw = mean.get("keep", {})
+    out: dict[str, Any] = {k: raw[k] for k in ("offset_variance_share", "ari_vs_plays") if k in raw}
+    rescored = [r for r in runs if "test_loss_uniform_weights" in r]
+    if rescored:
+        out["weights"] = {
+            "runs": [Path(r["run_dir"]).parent.name for r in rescored],
+            **{
+                k: float(np.mean([r[f"test_loss_{k}"] for r in rescored]))
+                for k in ("learned_weights", "own_group", "uniform_weights")
+            },
+        }
+    ranking = RESULTS / "surrogate_ranking.json"
+    if ranking.exists():
+        stored = json.loads(ranking.read_text())
+        for k in ("within_member_order_agreement", "pairwise_transfer_spearman"):
+            out[k] = {"by_steps": stored[k], "source": "experiments/results/surrogate_ranking.json"}
+    converged = RESULTS / "shakespeare_converged.json"
+    if converged.exists() and "m_sweep" in (stored := json.loads(converged.read_text())):
+        out["m_sweep"] = {**stored["m_sweep"], "source": "experiments/results/shakespeare_converged.json"}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dirs", type=Path, nargs="+")
+    parser.add_argument("run_dirs", type=Path, nargs="*")
     parser.add_argument("--name", default="affinity_diagnostics")
     args = parser.parse_args()
     # Runs diagnosed before stay in the results (their directories may be gone); a run
@@ -113,7 +141,10 @@ def main() -> None:
         v: {k: float(np.mean([r[k] for r in of[v] if k in r])) for k in keys if any(k in r for r in of[v])}
         for v in variants
     }
-    path.write_text(json.dumps({"runs": runs, "mean_by_offsets": mean}, indent=2) + "\n")
+    if not runs:
+        raise SystemExit(f"no run directories given and none stored in {path}")
+    headline = collected(mean, runs)
+    path.write_text(json.dumps({**headline, "runs": runs, "mean_by_offsets": mean}, indent=2) + "\n")
     lines = [
         "# Affinity diagnostics",
         "",
@@ -136,6 +167,10 @@ def main() -> None:
     lines.append(
         "| without offsets | " + " | ".join(str(r["group_sizes_without_offsets"]) for r in runs) + " |" + blank
     )
+    lines += ["", "Headline measures (offsets kept; the ranking and the m sweep from their own scripts):", ""]
+    lines += [f"- `{k}`: {json.dumps(v)}" for k, v in headline.items() if k != "m_sweep"]
+    if "m_sweep" in headline:
+        lines.append(f"- `m_sweep`: the table in `{headline['m_sweep']['source'].replace('.json', '.md')}`")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
