@@ -190,8 +190,10 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
             raise DataError("evaluate request without adapters")
         batches = node.batches(str(options["split"]))
         finetune = int(number(options, "finetune-steps", 0))
+        curve: list[float] = []  # with finetune-curve: the loss on this split after 0, 1, ..., finetune steps
         if finetune > 0:
-            groups = {g: _finetuned(node, group, finetune) for g, group in groups.items()}
+            on = batches if options.get("finetune-curve", False) else None
+            groups = {g: _finetuned(node, group, finetune, on, curve) for g, group in groups.items()}
         fit = bool(options.get("fit-weights", False))
         given = None if fit else np.asarray(options["weights"], dtype=np.float64)
         result = evaluate_ensemble(
@@ -218,19 +220,45 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
             metrics["accuracy"] = combined.accuracy()
         metrics.update({"loss": combined.loss(), "num-examples": combined.num_targets})
         metrics["weights"] = [float(w) for w in weights]
+        if curve:
+            metrics["finetune-curve"] = curve
         if result.base is not None:
             metrics.update({"base-loss": result.base.loss(), "base-accuracy": result.base.accuracy()})
         return RecordDict({"metrics": MetricRecord(metrics)})
 
 
-def _finetuned(node: Node, group: GroupAdapters, steps: int) -> GroupAdapters:
-    """MTL-FT: the group adapter after ``steps`` local steps on this client's train split."""
+def _finetuned(
+    node: Node, group: GroupAdapters, steps: int, curve_on: list[Batch] | None = None, curve: list[float] | None = None
+) -> GroupAdapters:
+    """MTL-FT: the group adapter after ``steps`` local steps on this client's train split.
+
+    With ``curve_on``, appends to ``curve`` the adapter's loss on those batches after 0, 1,
+    ..., ``steps`` steps: the first t steps of the seeded run are exactly a t-step run, so
+    one run gives the validation curve that MTL-FT's step count is chosen from.
+    """
     if group.boosts:
         raise DataError("local fine-tuning (finetune-steps) applies to a plain group adapter, not a boosted one")
     tc = node.config.train
-    load_adapter_state(node.model, group.base)
     seed = derive_seed(node.config.seed, "finetune", node.client.client_id)
-    train_adapter(node.model, node.batches("train", tc.batch_size), steps, tc.lr, seed, target_log_loss)
+    eta = node.config.boost.eta
+
+    def measure(_step: int = 0) -> None:
+        assert curve_on is not None and curve is not None
+        now = GroupAdapters(adapter_state(node.model))
+        curve.append(group_outputs(node.model, curve_on, now, node.theta_star, eta).loss())
+
+    load_adapter_state(node.model, group.base)
+    if curve_on is not None:
+        measure()
+    train_adapter(
+        node.model,
+        node.batches("train", tc.batch_size),
+        steps,
+        tc.lr,
+        seed,
+        target_log_loss,
+        after_step=measure if curve_on is not None else None,
+    )
     return GroupAdapters(adapter_state(node.model))
 
 

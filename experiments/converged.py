@@ -17,9 +17,9 @@ pipeline checkpoint with ``elora-fed run --resume``):
    compute) from whatever has finished ("N of M runs").
 
 Compute, both ways: the paper's definition (``PAPER_PHASES``: the gradient pass, training
-and boosting, plus MTL-FT's local fine-tuning, which runs in its test phase and is
-counted as its test FLOPs beyond one adapter's of the same seed) and the full count of
-every pass.
+and boosting, plus MTL-FT's local fine-tuning, which runs in its weights phase, where its
+step count is chosen on validation, and its test phase, and is counted as the FLOPs of
+those two phases beyond one adapter's of the same seed) and the full count of every pass.
 
 Every finished run writes ``<results>/runs/<key>.json``: its per-client test results, cost
 ledger and the commit it ran at. Run an experiment from its own worktree at a fixed commit:
@@ -67,7 +67,7 @@ class Experiment:
     protocol: dict[str, Any]
     curve_lrs: tuple[float, ...]
     curve_rounds: int
-    finetune_steps: int  # MTL-FT's local steps per client; fixed, not tuned
+    finetune_steps: int  # MTL-FT's most local steps per client; the pipeline chooses 0 to this on validation
     curve_patience: int = 2  # the curve stops after this many rounds without a lower validation loss
     plateau_tolerance: float = 0.001
     core: tuple[str, ...] = ("ensemble", "qlora", "random")
@@ -145,6 +145,7 @@ def record(results: Path, key: str, settings: dict[str, Any], run_dir: Path, sec
         "num_groups": report["num_groups"],
         "group_sizes": report["group_sizes"],
         "boosts": report["boosts"],
+        "finetune_steps": report.get("finetune_steps", 0),  # MTL-FT's, chosen on validation
         # the combined prediction's validation loss; the weights are fit on it, so it is in-sample for them
         "weights_validation_loss": next((m["validation_loss"] for m in metrics if m["phase"] == "weights"), None),
         "phases": {p: {"flops": v["flops"]["total"], "wall_s": v["wall_s"]} for p, v in accounting["phases"].items()},
@@ -298,12 +299,16 @@ def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: 
     def stat(values: list[float]) -> dict[str, float]:
         return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
-    if "mtl-ft" in by_method and "qlora" in by_method:  # its local fine-tuning runs in the test phase
-        test_of = {r["settings"]["seed"]: r["phases"]["test"]["flops"] for r in by_method["qlora"]}
+    if "mtl-ft" in by_method and "qlora" in by_method:  # its local fine-tuning: choosing the steps, then the test
+
+        def evaluation_flops(run: Run) -> float:
+            return float(sum(run["phases"].get(p, {}).get("flops", 0.0) for p in ("weights", "test")))
+
+        one_of = {r["settings"]["seed"]: evaluation_flops(r) for r in by_method["qlora"]}
         for r in by_method["mtl-ft"]:
             seed = r["settings"]["seed"]
-            if seed in test_of:
-                r["finetune_flops"] = r["phases"]["test"]["flops"] - test_of[seed]
+            if seed in one_of:
+                r["finetune_flops"] = evaluation_flops(r) - one_of[seed]
     methods = {
         name: {
             "seeds": [r["settings"]["seed"] for r in rs],

@@ -31,7 +31,7 @@ SHAKESPEARE = Experiment(
     },
     curve_lrs=(0.005,),
     curve_rounds=16,
-    finetune_steps=10,  # MTL-FT: 2 local epochs
+    finetune_steps=10,  # MTL-FT: at most 10 local steps (2 local epochs), the count chosen on validation
     # Removing per-role offsets from the affinity is the candidate default: three seeds, like EnsembleLoRA.
     core=("ensemble", "qlora", "random", "ensemble-centered"),
     extra=("mtl-ft", "cosine", "local", "qlora-matched"),

@@ -7,7 +7,7 @@ pipeline skips the sketch and affinity phases for them, so their cost is not cou
 
 - ``OneGroup``: one (Q)LoRA adapter trained by FedAvg on all clients. With
   ``train.finetune_steps > 0`` each client then fine-tunes it locally before the test:
-  MTL-FT.
+  MTL-FT, with the number of local steps (0 to ``finetune_steps``) chosen on validation.
 - ``OneGroupPerClient``: one adapter per client, trained on its own data only.
 - ``RandomGroups``: ``clustering.num_groups`` random groups of near-equal size (seeded).
 - Grouping by gradient cosine similarity is ``affinity.mode = "gradient-cosine"`` with the

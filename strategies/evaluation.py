@@ -32,6 +32,7 @@ def evaluate(
     weights: Mapping[str, Sequence[float]] | None = None,
     with_base: bool = False,
     finetune_steps: int = 0,
+    finetune_curve: bool = False,
 ) -> Steps[tuple[dict[str, dict[str, Any]], Exchange]]:
     """Per client: ``loss``, ``num-examples``, ``weights`` and (given ``weights``) ``accuracy`` on ``split``.
 
@@ -39,7 +40,8 @@ def evaluate(
     client learns its own on this split. Also per client: ``group_loss`` and
     ``group_accuracy`` (each group's output alone) and, ``with_base``, ``base_loss`` and
     ``base_accuracy`` (theta*). ``finetune_steps > 0`` (MTL-FT, one group): each client
-    first fine-tunes the group adapter locally for that many steps.
+    first fine-tunes the group adapter locally for that many steps; with ``finetune_curve``
+    it also reports ``finetune_curve``, its loss on ``split`` after 0, 1, ..., that many steps.
     """
     messages = []
     for client, groups in groups_of.items():
@@ -48,6 +50,7 @@ def evaluate(
             "groups": [str(g) for g in groups],
             "with-base": with_base,
             "finetune-steps": finetune_steps,
+            "finetune-curve": finetune_curve,
         }
         if weights is None:
             options["fit-weights"] = True
@@ -72,6 +75,11 @@ def evaluate(
         }
         if "accuracy" in metrics:  # top-1 of the combination: sent for given weights only
             row["accuracy"] = number(metrics, "accuracy")
+        if finetune_curve:
+            curve = metrics.get("finetune-curve")
+            if not isinstance(curve, list) or len(curve) != finetune_steps + 1:
+                raise DataError(f"malformed evaluate reply: finetune-curve {curve!r}")
+            row["finetune_curve"] = [float(v) for v in curve]
         if with_base:
             row["base_loss"] = number(metrics, "base-loss")
             row["base_accuracy"] = number(metrics, "base-accuracy")
@@ -91,6 +99,12 @@ class WeightsPhase:
     Writes ``ensemble_weights.json``. One group: weight 1. A clustering with
     ``own_group_only`` (local training): each client's own adapter. A client whose
     evaluation failed puts all weight on its own group.
+
+    MTL-FT (``train.finetune_steps = K > 0``, one group) learns its one choice here as
+    well: how many local steps, 0 to K, each client fine-tunes before the test. Every
+    client fine-tunes K steps and reports its validation loss after each; the count of
+    lowest mean validation loss is used (``finetune_steps.json``), so test data plays no
+    part and 0 (the shared adapter as it is) stays possible.
     """
 
     def __init__(self, run: RunState, fed: Federation) -> None:
@@ -104,6 +118,8 @@ class WeightsPhase:
         clustering = load_class(run.config.strategies.clustering, "strategies.clustering")
         if len(ensemble) == 1:  # one group: nothing to weigh
             run.info["weights"] = {c: [1.0] for c in fed.client_ids}
+            if run.config.train.finetune_steps:
+                run.info["finetune_steps"] = yield from self.finetune_steps(ensemble)
         elif getattr(clustering, "own_group_only", False):
             run.info["weights"] = fallback  # each client's own adapter (local training): nothing to learn
         else:
@@ -115,6 +131,42 @@ class WeightsPhase:
                 {"phase": "weights", "validation_loss": client_mean(per_client, "loss"), **exchange_metrics(result)}
             )
         write_json(run.dir / "ensemble_weights.json", {"groups": sorted(groups), "weights": run.info["weights"]})
+
+    def finetune_steps(self, ensemble: Mapping[int, GroupAdapters]) -> Steps[int]:
+        """MTL-FT's local step count, 0 to ``train.finetune_steps``: the lowest mean validation loss."""
+        run, fed = self.run, self.fed
+        most = run.config.train.finetune_steps
+        per_client, result = yield from evaluate(
+            fed,
+            "MTL-FT local steps",
+            "validation",
+            {c: ensemble for c in fed.client_ids},
+            {c: [1.0] for c in fed.client_ids},
+            finetune_steps=most,
+            finetune_curve=True,
+        )
+        if not per_client:
+            raise DataError("no client returned a fine-tuning curve: MTL-FT's local steps cannot be chosen")
+        curve = np.mean([r["finetune_curve"] for r in per_client.values()], axis=0)
+        chosen = int(np.argmin(curve))
+        run.log(
+            {
+                "phase": "weights",
+                "finetune_steps": chosen,
+                "finetune_validation_curve": curve.tolist(),
+                **exchange_metrics(result),
+            }
+        )
+        write_json(
+            run.dir / "finetune_steps.json",
+            {
+                "chosen": chosen,
+                "most": most,
+                "mean_validation_loss_by_steps": curve.tolist(),
+                "clients": len(per_client),
+            },
+        )
+        return chosen
 
 
 class FinalTestPhase:
@@ -133,12 +185,13 @@ class FinalTestPhase:
         groups, ensemble = run.groups(), run.ensemble()
         weights = run.info["weights"]
         clients = sorted(weights)
-        finetune = run.config.train.finetune_steps
-        if finetune and len(ensemble) > 1:
+        if run.config.train.finetune_steps and len(ensemble) > 1:
             raise ConfigError(
                 "train.finetune_steps (MTL-FT) needs a single group: "
                 "strategies.clustering = 'strategies.baselines:OneGroup'"
             )
+        # MTL-FT: the count chosen on validation (a checkpoint from before that choice: the configured one)
+        finetune = int(run.info.get("finetune_steps", run.config.train.finetune_steps))
         group_of = {c: g for g, members in groups.items() for c in members}
         # Each client evaluates the groups it weighs and its own: a group of weight exactly 0
         # changes nothing in its prediction, and evaluating it would cost a pass per group.

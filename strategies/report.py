@@ -49,6 +49,8 @@ def build_report(
         "num_groups": len(groups),
         "group_sizes": {str(g): len(m) for g, m in sorted(groups.items())},
         "boosts": run.info.get("boosts", []),
+        # MTL-FT's local steps before the test, chosen on validation (0 for every other method)
+        "finetune_steps": int(run.info.get("finetune_steps", 0)),
         "config": run.config.to_flat(),
         "seconds": run.info["seconds"],
         "cost": cost,

@@ -122,6 +122,25 @@ def test_evaluate_learns_simplex_weights_or_uses_the_given_ones():
     assert learned.metric_records["metrics"]["loss"] <= alone.metric_records["metrics"]["loss"] + 1e-4
 
 
+def test_the_fine_tuning_curve_point_at_t_steps_is_the_loss_after_a_t_step_fine_tuning():
+    groups = {0: GroupAdapters(theta_star())}
+
+    def evaluate(steps: int, curve: bool):
+        options = {"split": "validation", "groups": ["0"], "weights": [1.0], "finetune-steps": steps}
+        reply = client_app.evaluate_content(
+            request(config=ConfigRecord({**options, "finetune-curve": curve}), **ensemble_records(groups)), context(1)
+        )
+        return reply.metric_records["metrics"]
+
+    metrics = evaluate(3, curve=True)
+    curve = metrics["finetune-curve"]
+    assert len(curve) == 4 and curve[3] == pytest.approx(metrics["loss"], rel=1e-5)
+    assert curve[0] != curve[3]
+    for t in (0, 2):  # 0 steps: the shared adapter as it is
+        assert curve[t] == pytest.approx(evaluate(t, curve=False)["loss"], rel=1e-5)
+    assert "finetune-curve" not in evaluate(2, curve=False)
+
+
 def test_boost_query_sends_residuals_and_asked_for_ridge_statistics_of_the_sketch_rows():
     start = theta_star()
     ask = ConfigRecord({"ridge-statistics": True})

@@ -189,8 +189,14 @@ def test_mtl_ft_baseline_skips_sketching_and_books_its_costs(tmp_path):
     accounting = json.loads((run_dir / "accounting.json").read_text())
     phases = accounting["phases"]
     assert "sketch" not in phases and phases["train"]["flops"]["backward"] > 0
-    # MTL-FT fine-tunes at test time: the test phase has backward passes too.
-    assert 0 < phases["test"]["tokens"]["backward"] <= 6 * 3 * 8 * 16  # clients x steps x batch x positions
+    # MTL-FT's step count is chosen on validation: every client fine-tunes 3 steps there, and reports
+    # its loss after 0 to 3; the test fine-tunes the chosen count (none if 0 won).
+    chosen = json.loads((run_dir / "finetune_steps.json").read_text())
+    curve = chosen["mean_validation_loss_by_steps"]
+    assert len(curve) == 4 and chosen["clients"] == 6 and curve[0] != curve[3]  # the steps changed the adapter
+    assert chosen["chosen"] == report["finetune_steps"] == int(np.argmin(curve))
+    assert 0 < phases["weights"]["tokens"]["backward"] <= 6 * 3 * 8 * 16  # clients x steps x batch x positions
+    assert (phases["test"]["tokens"]["backward"] > 0) == (chosen["chosen"] > 0)
     assert accounting["total"]["bytes_sent"] > 0 and accounting["total"]["peak_client_rss_bytes"] > 0
     assert set(accounting["bytes_per_client"]) == {c["client_id"] for c in report["clients"]}
 

@@ -77,8 +77,9 @@ class TrainConfig(Section):
     and the group's updates are aggregated by ``aggregation``: a Flower strategy class as a
     dotted path (``flwr.serverapp.strategy:FedAvg``, ``:FedProx``, ``:FedAdam``, or your own).
     ``proximal_mu`` is FedProx's mu (sent to clients by FedProx only). ``finetune_steps > 0``
-    makes every client fine-tune its (single) group adapter locally for that many steps
-    before the test: the MTL-FT baseline (``strategies.baselines``). ``validation_every > 0``
+    makes every client fine-tune its (single) group adapter locally before the test: the
+    MTL-FT baseline (``strategies.baselines``), for the number of steps from 0 to
+    ``finetune_steps`` with the lowest mean validation loss (``strategies.evaluation.WeightsPhase``). ``validation_every > 0``
     evaluates every group's adapter on its clients' validation splits after every that many
     rounds (and the last): the learning curve that a training budget is chosen from. With
     ``patience > 0`` as well, training stops once that many evaluations in a row bring no
