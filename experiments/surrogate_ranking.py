@@ -24,6 +24,10 @@ calibrated on the calibration subsets at each length. Reported per (length, lamb
   (``affinity_from_features`` with the default subset size and count);
   ``pairwise_transfer_spearman_direct`` uses the surrogate's own f^_i({i}) - f^_i({i, j}).
 
+``--replicates`` fine-tunes every single role once more at another seed (its own file,
+``subset-<i>-replicate.json``): how reproducible the real gains are, the ceiling on any
+estimate's agreement with them (``seed_noise``).
+
 Resumable: each fine-tuned subset is stored in ``--work`` as it finishes and skipped on
 restart, so the run survives interruption. ``--shard K/N`` splits the fine-tuning over N
 one-thread processes (OMP_NUM_THREADS=1); the report is written by the run that finds
@@ -69,6 +73,12 @@ LAMBDA_GRID = [float(x) for x in np.logspace(-4, 1, 21)]
 LENGTHS = (1, 2, 5)  # multiples of --steps, measured along each run
 SKIP_ROLES = 20  # estimation_error.py uses the 20 largest roles
 DIM = 400
+SEED_NOISE_KEYS = (
+    "single_seed_noise_std",
+    "real_gain_std",
+    "real_gain_sign_reproducibility",
+    "real_gain_seed_spearman",
+)
 
 
 def plan_subsets(n: int, pairs: int, calibration: int, seed: int) -> dict[str, list[tuple[int, ...]]]:
@@ -102,6 +112,35 @@ def within_member_order(
     return agree / total, float(np.nanmean(taus)), total
 
 
+def seed_noise(
+    real: dict[tuple[int, ...], np.ndarray], replicate: dict[tuple[int, ...], np.ndarray], pairs: list[tuple[int, ...]]
+) -> dict[str, float]:
+    """How reproducible the real pair gains are, from each single role fine-tuned at a second seed.
+
+    ``single_seed_noise_std``: the standard deviation of one fine-tuned validation loss over seeds
+    (the RMS of the two seeds' difference over sqrt(2)); ``real_gain_std``: the spread of the real
+    gains f_i({i}) - f_i({i, j}) over the 60 cases; ``real_gain_sign_reproducibility``: the share of
+    cases whose gain has the same sign with the single role's other seed; ``real_gain_seed_spearman``:
+    the Spearman of the gains computed with either seed of the single role.
+    """
+    singles = sorted(replicate)
+    diff = np.array([real[s][0] - replicate[s][0] for s in singles])
+    gain, gain_other = [], []
+    for i, j in pairs:
+        for a in (i, j):
+            pair = real[(i, j)][(i, j).index(a)]
+            if (a,) in replicate:
+                gain.append(real[(a,)][0] - pair)
+                gain_other.append(replicate[(a,)][0] - pair)
+    g, h = np.array(gain), np.array(gain_other)
+    return {
+        "single_seed_noise_std": float(np.sqrt(np.mean(diff**2) / 2)),
+        "real_gain_std": float(g.std()),
+        "real_gain_sign_reproducibility": float(np.mean(np.sign(g) == np.sign(h))),
+        "real_gain_seed_spearman": float(spearmanr(g, h).statistic),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--roles", type=int, default=10)
@@ -120,6 +159,12 @@ def main() -> None:
         help="K/N: fine-tune only subsets k with k %% N == K, so N one-thread processes (OMP_NUM_THREADS=1) "
         "share the cores; beside another busy process a two-thread run took 20 to 35 s per step, against 2.6 s "
         "at one thread alone, measured",
+    )
+    parser.add_argument(
+        "--replicates",
+        action="store_true",
+        help="fine-tune every single role once more at another seed: the seed noise of the real losses, the ceiling "
+        "on how well any estimate can order them",
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="where surrogate_ranking.{json,md} go")
     args = parser.parse_args()
@@ -143,14 +188,17 @@ def main() -> None:
     n = len(clients)
     plan = plan_subsets(n, args.pairs, args.calibration_subsets, seed=1)
     subsets = [s for kind in ("singles", "pairs", "calibration") for s in plan[kind]]
+    # (subset, file suffix): the plan, then with --replicates every single role again at another seed
+    jobs = [(s, "") for s in subsets] + [(s, "-replicate") for s in plan["singles"] if args.replicates]
 
     # Real fine-tuning, resumable: one file per finished subset.
     args.work.mkdir(parents=True, exist_ok=True)
     training = compute_context(model_config)
     finetune_s = 0.0
     real: dict[int, dict[tuple[int, ...], np.ndarray]] = {t: {} for t in lengths}
-    for k, subset in enumerate(subsets):
-        path = args.work / f"subset-{'-'.join(map(str, subset))}.json"
+    replicate: dict[int, dict[tuple[int, ...], np.ndarray]] = {t: {} for t in lengths}
+    for k, (subset, suffix) in enumerate(jobs):
+        path = args.work / f"subset-{'-'.join(map(str, subset))}{suffix}.json"
         if not path.exists() and k % shards == shard:
             load_adapter_state(model, theta_star)
             measured: dict[str, list[float]] = {}
@@ -168,13 +216,14 @@ def main() -> None:
                     [b for i in subset for b in train_batches[i]],
                     max(lengths),
                     args.lr,
-                    seed=k,
+                    seed=k,  # a replicate's index differs from its original's: another batch order
                     after_step=measure,
                 )
             seconds = time.perf_counter() - start
             path.write_text(json.dumps({"subset": list(subset), "losses": measured, "seconds": seconds}) + "\n")
             print(
-                f"subset {k + 1}/{len(subsets)} {subset}: {measured[str(max(lengths))]} ({seconds:.1f} s)", flush=True
+                f"subset {k + 1}/{len(jobs)} {subset}{suffix}: {measured[str(max(lengths))]} ({seconds:.1f} s)",
+                flush=True,
             )
         if not path.exists():
             continue  # another shard's
@@ -183,12 +232,12 @@ def main() -> None:
             raise SystemExit(f"{path} holds lengths {sorted(stored['losses'])}, not {lengths}: use another --work")
         finetune_s += stored["seconds"]
         for t in lengths:
-            real[t][subset] = np.array(stored["losses"][str(t)])
+            (replicate if suffix else real)[t][subset] = np.array(stored["losses"][str(t)])
 
-    done = len(real[lengths[0]])
-    if done < len(subsets):
+    done = sum((args.work / f"subset-{'-'.join(map(str, s))}{x}.json").exists() for s, x in jobs)
+    if done < len(jobs):
         print(
-            f"{done} of {len(subsets)} subsets fine-tuned; the others belong to other shards. Run again when they finish."
+            f"{done} of {len(jobs)} subsets fine-tuned; the others belong to other shards. Run again when they finish."
         )
         return
 
@@ -224,7 +273,10 @@ def main() -> None:
                     real_gain.append(real_t[(a,)][0] - pair)
                     claimed.append(affinity.affinity[a, b])
                     direct.append(est[(a,)][0] - est[(i, j)][(i, j).index(a)])
+            if replicate[t]:
+                results[f"{t}/{name}"] = seed_noise(real_t, replicate[t], plan["pairs"])
             results[f"{t}/{name}"] = {
+                **results.get(f"{t}/{name}", {}),
                 "steps": t,
                 "lambda_kind": name,
                 "lambda": lam,
@@ -267,6 +319,10 @@ def main() -> None:
         },
         "pairwise_transfer_spearman": {str(t): results[f"{t}/default"]["pairwise_transfer_spearman"] for t in lengths},
         "by_length": results,
+        "seed_noise": {
+            str(t): {k: results[f"{t}/default"][k] for k in results[f"{t}/default"] if k in SEED_NOISE_KEYS}
+            for t in lengths
+        },
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "surrogate_ranking.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -286,6 +342,20 @@ def main() -> None:
             f"{r['kendall_tau']:.3f} | {r['spearman_of_change']:.3f} | {r['pairwise_transfer_spearman']:.3f} | "
             f"{r['pairwise_transfer_spearman_direct']:.3f} |"
         )
+    if replicate[lengths[0]]:
+        lines += [
+            "",
+            "Seed noise of the real fine-tuning (every single role fine-tuned again at another seed; `seed_noise`):",
+            "",
+            "| fine-tuning steps | one loss: seed std | real pair gain: std | gain sign reproduced | gain Spearman across seeds |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in results.values():
+            if r["lambda_kind"] == "default":
+                lines.append(
+                    f"| {r['steps']} | {r['single_seed_noise_std']:.4f} | {r['real_gain_std']:.4f} | "
+                    f"{r['real_gain_sign_reproducibility']:.3f} | {r['real_gain_seed_spearman']:.3f} |"
+                )
     (args.results / "surrogate_ranking.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
