@@ -147,7 +147,9 @@ def record(results: Path, key: str, settings: dict[str, Any], run_dir: Path, sec
         "boosts": report["boosts"],
         "finetune_steps": report.get("finetune_steps", 0),  # MTL-FT's, chosen on validation
         # the combined prediction's validation loss; the weights are fit on it, so it is in-sample for them
-        "weights_validation_loss": next((m["validation_loss"] for m in metrics if m["phase"] == "weights"), None),
+        "weights_validation_loss": next(
+            (m["validation_loss"] for m in metrics if m["phase"] == "weights" and "validation_loss" in m), None
+        ),
         "phases": {p: {"flops": v["flops"]["total"], "wall_s": v["wall_s"]} for p, v in accounting["phases"].items()},
         "curve": [
             {"round": m["round"], "validation_loss": m["validation_loss"], "train_loss": _mean(m["train_loss"])}
