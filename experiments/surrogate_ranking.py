@@ -3,9 +3,11 @@
 The affinity matrix depends on how the sketch-space estimate orders different subsets for
 one member, not on its level (the level is mostly the member's loss before fine-tuning,
 which `experiments/estimation_error.py` shows is easy). This script measures that order,
-on roles and subsets other than estimation_error's: the 21st to 30th largest Shakespeare
+on subsets other than estimation_error's: the last 10, by id, of the 30 largest Shakespeare
 roles (SmolLM2-135M, LoRA r = 4 on q, v, 32-token samples, at most 40 per role), every
-single role, 30 random pairs of them, and 2 calibration subsets of 3 to 5 roles.
+single role, 30 random pairs of them, and 2 calibration subsets of 3 to 5 roles. The data
+orders clients by id, not by size, so 6 of these 10 roles are also among estimation_error's
+20 (the 20 largest); none of its subsets is.
 
 Every subset is really fine-tuned from theta* for 100 Adam steps (5x estimation_error's 20),
 and each member's validation loss log(1 + exp(-h)) is measured after 20, 40 and 100 steps
@@ -44,6 +46,7 @@ import argparse
 import itertools
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +56,9 @@ from scipy.stats import kendalltau, spearmanr
 
 from elora_fed.data.config import DataConfig
 from elora_fed.data.federated_data import load_lm_clients
-from elora_fed.model.adapters import adapter_state, attach_lora, load_adapter_state
-from elora_fed.model.batches import client_batches
+from elora_fed.data.lm_samples import LMSamples
+from elora_fed.model.adapters import AdapterState, adapter_state, attach_lora, load_adapter_state
+from elora_fed.model.batches import Batch, client_batches
 from elora_fed.model.compute import compute_context, resolve_compute_dtype
 from elora_fed.model.config import AdapterConfig, ModelConfig
 from elora_fed.model.models import EMBEDDED_MODEL, load_base_model, load_tokenizer
@@ -71,7 +75,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTER = AdapterConfig(rank=4, alpha=8, target_modules="q_proj,v_proj", seed=0)
 LAMBDA_GRID = [float(x) for x in np.logspace(-4, 1, 21)]
 LENGTHS = (1, 2, 5)  # multiples of --steps, measured along each run
-SKIP_ROLES = 20  # estimation_error.py uses the 20 largest roles
+SKIP_ROLES = 20  # of the 20 + roles largest roles, sorted by id, the first 20 are skipped
 DIM = 400
 SEED_NOISE_KEYS = (
     "single_seed_noise_std",
@@ -93,6 +97,46 @@ def plan_subsets(n: int, pairs: int, calibration: int, seed: int) -> dict[str, l
             tuple(sorted(rng.choice(n, size=rng.randint(3, 6), replace=False).tolist())) for _ in range(calibration)
         ],
     }
+
+
+@dataclass(frozen=True)
+class RankingSetup:
+    """The roles, the model at theta* and the subsets every fine-tuning and estimate here is made on."""
+
+    model_config: ModelConfig
+    clients: tuple[LMSamples, ...]
+    model: torch.nn.Module
+    theta_star: AdapterState
+    train_batches: list[list[Batch]]
+    val_batches: list[list[Batch]]
+    plan: dict[str, list[tuple[int, ...]]]
+
+
+def ranking_setup(model_name: str, roles: int, batch_size: int, pairs: int, calibration: int) -> RankingSetup:
+    """The last ``roles``, by id, of the 20 + roles largest roles; 32-token samples, at most 40 per role; LoRA at theta*."""
+    model_config = ModelConfig(name=model_name)
+    data = load_lm_clients(
+        DataConfig(seq_len=32, num_clients=SKIP_ROLES + roles, max_samples_per_client=40), load_tokenizer(model_config)
+    )
+    clients = data.clients[SKIP_ROLES:]
+    if len(clients) < roles:
+        raise SystemExit(f"need {SKIP_ROLES + roles} roles, the data has {len(data.clients)}")
+    model = attach_lora(load_base_model(model_config), ADAPTER)
+    # LM samples need no padding: every row has seq_len + 1 tokens.
+    return RankingSetup(
+        model_config=model_config,
+        clients=clients,
+        model=model,
+        theta_star=adapter_state(model),
+        train_batches=[[b for _, b in client_batches(c, "train", batch_size, 0)] for c in clients],
+        val_batches=[[b for _, b in client_batches(c, "validation", batch_size, 0)] for c in clients],
+        plan=plan_subsets(len(clients), pairs, calibration, seed=1),
+    )
+
+
+def job_path(work: Path, subset: tuple[int, ...], suffix: str = "") -> Path:
+    """The file one fine-tuned subset is stored in; ``suffix`` "-replicate" for its second seed."""
+    return work / f"subset-{'-'.join(map(str, subset))}{suffix}.json"
 
 
 def within_member_order(
@@ -172,21 +216,10 @@ def main() -> None:
     shard, shards = (int(x) for x in args.shard.split("/"))
     if not 0 <= shard < shards:
         raise SystemExit(f"--shard {args.shard}: need K/N with 0 <= K < N")
-    model_config = ModelConfig(name=args.model)
-    tokenizer = load_tokenizer(model_config)
-    data = load_lm_clients(
-        DataConfig(seq_len=32, num_clients=SKIP_ROLES + args.roles, max_samples_per_client=40), tokenizer
-    )
-    clients = data.clients[SKIP_ROLES:]
-    if len(clients) < args.roles:
-        raise SystemExit(f"need {SKIP_ROLES + args.roles} roles, the data has {len(data.clients)}")
-    model = attach_lora(load_base_model(model_config), ADAPTER)
-    theta_star = adapter_state(model)
-    # LM samples need no padding: every row has seq_len + 1 tokens.
-    val_batches = [[b for _, b in client_batches(c, "validation", args.batch_size, 0)] for c in clients]
-    train_batches = [[b for _, b in client_batches(c, "train", args.batch_size, 0)] for c in clients]
+    setup = ranking_setup(args.model, args.roles, args.batch_size, args.pairs, args.calibration_subsets)
+    model_config, clients, model, plan = setup.model_config, setup.clients, setup.model, setup.plan
+    train_batches, val_batches, theta_star = setup.train_batches, setup.val_batches, setup.theta_star
     n = len(clients)
-    plan = plan_subsets(n, args.pairs, args.calibration_subsets, seed=1)
     subsets = [s for kind in ("singles", "pairs", "calibration") for s in plan[kind]]
     # (subset, file suffix): the plan, then with --replicates every single role again at another seed
     jobs = [(s, "") for s in subsets] + [(s, "-replicate") for s in plan["singles"] if args.replicates]
@@ -198,7 +231,7 @@ def main() -> None:
     real: dict[int, dict[tuple[int, ...], np.ndarray]] = {t: {} for t in lengths}
     replicate: dict[int, dict[tuple[int, ...], np.ndarray]] = {t: {} for t in lengths}
     for k, (subset, suffix) in enumerate(jobs):
-        path = args.work / f"subset-{'-'.join(map(str, subset))}{suffix}.json"
+        path = job_path(args.work, subset, suffix)
         if not path.exists() and k % shards == shard:
             load_adapter_state(model, theta_star)
             measured: dict[str, list[float]] = {}
@@ -234,7 +267,7 @@ def main() -> None:
         for t in lengths:
             (replicate if suffix else real)[t][subset] = np.array(stored["losses"][str(t)])
 
-    done = sum((args.work / f"subset-{'-'.join(map(str, s))}{x}.json").exists() for s, x in jobs)
+    done = sum(job_path(args.work, s, x).exists() for s, x in jobs)
     if done < len(jobs):
         print(
             f"{done} of {len(jobs)} subsets fine-tuned; the others belong to other shards. Run again when they finish."
@@ -298,7 +331,7 @@ def main() -> None:
             "model": args.model,
             "adapter": "LoRA r=4, alpha=8, q_proj,v_proj",
             "roles": [c.client_id for c in clients],
-            "roles_skipped": f"the {SKIP_ROLES} largest, which estimation_error.py uses",
+            "roles_skipped": f"the first {SKIP_ROLES}, by id, of the {SKIP_ROLES + n} largest",
             "seq_len": 32,
             "samples_per_role": "at most 40",
             "subsets": {kind: [list(s) for s in v] for kind, v in plan.items()},
@@ -329,7 +362,7 @@ def main() -> None:
     lines = [
         "# The surrogate's within-member ranking and pairwise transfer",
         "",
-        f"{n} roles ({SKIP_ROLES + 1}st to {SKIP_ROLES + n}th largest), {len(plan['pairs'])} pairs and every single role, "
+        f"{n} roles (the last {n}, by id, of the {SKIP_ROLES + n} largest), {len(plan['pairs'])} pairs and every single role, "
         f"d = {DIM}; written by `experiments/surrogate_ranking.py`. Chance order agreement is 0.5.",
         "",
         "| fine-tuning steps | lambda | order agreement | Kendall tau | Spearman of change | "
