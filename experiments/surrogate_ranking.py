@@ -77,12 +77,6 @@ LAMBDA_GRID = [float(x) for x in np.logspace(-4, 1, 21)]
 LENGTHS = (1, 2, 5)  # multiples of --steps, measured along each run
 SKIP_ROLES = 20  # of the 20 + roles largest roles, sorted by id, the first 20 are skipped
 DIM = 400
-SEED_NOISE_KEYS = (
-    "single_seed_noise_std",
-    "real_gain_std",
-    "real_gain_sign_reproducibility",
-    "real_gain_seed_spearman",
-)
 
 
 def plan_subsets(n: int, pairs: int, calibration: int, seed: int) -> dict[str, list[tuple[int, ...]]]:
@@ -288,6 +282,7 @@ def main() -> None:
     defaults = AffinityConfig()
     evaluated = plan["singles"] + plan["pairs"]
     results: dict[str, Any] = {}
+    noise = {str(t): seed_noise(real[t], replicate[t], plan["pairs"]) for t in lengths if replicate[t]}
     for t in lengths:
         calibration = [(s, real[t][s]) for s in plan["calibration"]]
         for name, lam in (("default", defaults.lam), ("calibrated", calibrate_lambda(tasks, calibration, LAMBDA_GRID))):
@@ -306,10 +301,7 @@ def main() -> None:
                     real_gain.append(real_t[(a,)][0] - pair)
                     claimed.append(affinity.affinity[a, b])
                     direct.append(est[(a,)][0] - est[(i, j)][(i, j).index(a)])
-            if replicate[t]:
-                results[f"{t}/{name}"] = seed_noise(real_t, replicate[t], plan["pairs"])
             results[f"{t}/{name}"] = {
-                **results.get(f"{t}/{name}", {}),
                 "steps": t,
                 "lambda_kind": name,
                 "lambda": lam,
@@ -352,10 +344,7 @@ def main() -> None:
         },
         "pairwise_transfer_spearman": {str(t): results[f"{t}/default"]["pairwise_transfer_spearman"] for t in lengths},
         "by_length": results,
-        "seed_noise": {
-            str(t): {k: results[f"{t}/default"][k] for k in results[f"{t}/default"] if k in SEED_NOISE_KEYS}
-            for t in lengths
-        },
+        "seed_noise": noise,
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "surrogate_ranking.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -375,7 +364,7 @@ def main() -> None:
             f"{r['kendall_tau']:.3f} | {r['spearman_of_change']:.3f} | {r['pairwise_transfer_spearman']:.3f} | "
             f"{r['pairwise_transfer_spearman_direct']:.3f} |"
         )
-    if replicate[lengths[0]]:
+    if noise:
         lines += [
             "",
             "Seed noise of the real fine-tuning (every single role fine-tuned again at another seed; `seed_noise`):",
@@ -383,12 +372,11 @@ def main() -> None:
             "| fine-tuning steps | one loss: seed std | real pair gain: std | gain sign reproduced | gain Spearman across seeds |",
             "| --- | --- | --- | --- | --- |",
         ]
-        for r in results.values():
-            if r["lambda_kind"] == "default":
-                lines.append(
-                    f"| {r['steps']} | {r['single_seed_noise_std']:.4f} | {r['real_gain_std']:.4f} | "
-                    f"{r['real_gain_sign_reproducibility']:.3f} | {r['real_gain_seed_spearman']:.3f} |"
-                )
+        for t, r in noise.items():
+            lines.append(
+                f"| {t} | {r['single_seed_noise_std']:.4f} | {r['real_gain_std']:.4f} | "
+                f"{r['real_gain_sign_reproducibility']:.3f} | {r['real_gain_seed_spearman']:.3f} |"
+            )
     (args.results / "surrogate_ranking.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
