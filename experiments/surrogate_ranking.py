@@ -32,7 +32,7 @@ estimate's agreement with them (``seed_noise``).
 
 Resumable: each fine-tuned subset is stored in ``--work`` as it finishes and skipped on
 restart, so the run survives interruption. ``--shard K/N`` splits the fine-tuning over N
-one-thread processes (OMP_NUM_THREADS=1); the report is written by the run that finds
+one-thread processes (OMP_NUM_THREADS=1); the report is written by a run whose loop finds
 every subset finished. On 2 AVX2 cores, one thread: about 260 s per subset.
 
     python experiments/surrogate_ranking.py [--work experiments/results/surrogate_ranking]
@@ -221,7 +221,7 @@ def main() -> None:
     # Real fine-tuning, resumable: one file per finished subset.
     args.work.mkdir(parents=True, exist_ok=True)
     training = compute_context(model_config)
-    finetune_s = 0.0
+    finetune_s, loaded = 0.0, 0
     real: dict[int, dict[tuple[int, ...], np.ndarray]] = {t: {} for t in lengths}
     replicate: dict[int, dict[tuple[int, ...], np.ndarray]] = {t: {} for t in lengths}
     for k, (subset, suffix) in enumerate(jobs):
@@ -258,13 +258,15 @@ def main() -> None:
         if sorted(map(int, stored["losses"])) != lengths:
             raise SystemExit(f"{path} holds lengths {sorted(stored['losses'])}, not {lengths}: use another --work")
         finetune_s += stored["seconds"]
+        loaded += 1
         for t in lengths:
             (replicate if suffix else real)[t][subset] = np.array(stored["losses"][str(t)])
 
-    done = sum(job_path(args.work, s, x).exists() for s, x in jobs)
-    if done < len(jobs):
+    # Only what this loop loaded counts: another shard's subset that finished after the loop
+    # passed it is not in real or replicate.
+    if loaded < len(jobs):
         print(
-            f"{done} of {len(jobs)} subsets fine-tuned; the others belong to other shards. Run again when they finish."
+            f"{loaded} of {len(jobs)} subsets fine-tuned; the others belong to other shards. Run again when they finish."
         )
         return
 
