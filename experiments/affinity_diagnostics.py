@@ -99,7 +99,7 @@ def diagnose(run_dir: Path) -> dict[str, Any]:
 
 def collected(mean: dict[str, dict[str, float]], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's affinity measures in one place: this script's (on the raw affinity, offsets kept) and,
-    where their scripts have written them, the surrogate's ranking and the m sweep."""
+    where their scripts have written them, the surrogate's ranking (and other estimates') and the m sweep."""
     raw = mean.get("keep", {})
     out: dict[str, Any] = {k: raw[k] for k in ("offset_variance_share", "ari_vs_plays") if k in raw}
     rescored = [r for r in runs if "test_loss_uniform_weights" in r]
@@ -116,6 +116,16 @@ def collected(mean: dict[str, dict[str, float]], runs: list[dict[str, Any]]) -> 
         stored = json.loads(ranking.read_text())
         for k in ("within_member_order_agreement", "pairwise_transfer_spearman"):
             out[k] = {"by_steps": stored[k], "source": "experiments/results/surrogate_ranking.json"}
+    variants = RESULTS / "surrogate_variants.json"
+    if variants.exists():
+        by_estimate: dict[str, dict[str, float]] = {}
+        for r in json.loads(variants.read_text())["rows"]:
+            if r["lambda_kind"] in ("default", "none"):
+                by_estimate.setdefault(r["estimate"], {})[str(r["steps"])] = r["within_member_order_agreement"]
+        out["within_member_order_agreement_by_estimate"] = {
+            "by_estimate": by_estimate,
+            "source": "experiments/results/surrogate_variants.json",
+        }
     converged = RESULTS / "shakespeare_converged.json"
     if converged.exists() and "m_sweep" in (stored := json.loads(converged.read_text())):
         out["m_sweep"] = {**stored["m_sweep"], "source": "experiments/results/shakespeare_converged.json"}
