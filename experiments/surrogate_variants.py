@@ -134,7 +134,7 @@ def b_gradients(parts: Parts, a_star: list[torch.Tensor]) -> torch.Tensor:
     )
 
 
-def task_features(
+def ridge_tasks(
     rows: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]], transform: Callable[[torch.Tensor], torch.Tensor]
 ) -> list[TaskFeatures]:
     """Each role's (h, B-gradient) rows with features ``transform(all rows)``, split back per role and split."""
@@ -280,9 +280,9 @@ def main() -> None:
     p = rows["train"][0][0][1].shape[1]
     scale = adam_scale(rows["train"])
     features = {
-        "ridge-jl400": task_features(rows, JLProjector(p, DIM, seed=0).project),
-        "ridge-exact": task_features(rows, gram_features),
-        "ridge-exact-adam": task_features(rows, lambda g: gram_features(g * scale)),
+        "ridge-jl400": ridge_tasks(rows, JLProjector(p, DIM, seed=0).project),
+        "ridge-exact": ridge_tasks(rows, gram_features),
+        "ridge-exact-adam": ridge_tasks(rows, lambda g: gram_features(g * scale)),
     }
     results: list[dict[str, Any]] = []
 
