@@ -153,6 +153,7 @@ class WeightsPhase:
             {
                 "phase": "weights",
                 "finetune_steps": chosen,
+                "validation_loss": float(curve[chosen]),  # MTL-FT's combined prediction, as the weights fit logs it
                 "finetune_validation_curve": curve.tolist(),
                 **exchange_metrics(result),
             }

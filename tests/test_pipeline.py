@@ -195,6 +195,9 @@ def test_mtl_ft_baseline_skips_sketching_and_books_its_costs(tmp_path):
     curve = chosen["mean_validation_loss_by_steps"]
     assert len(curve) == 4 and chosen["clients"] == 6 and curve[0] != curve[3]  # the steps changed the adapter
     assert chosen["chosen"] == report["finetune_steps"] == int(np.argmin(curve))
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (line,) = [m for m in metrics if m["phase"] == "weights"]
+    assert line["validation_loss"] == pytest.approx(min(curve))
     assert 0 < phases["weights"]["tokens"]["backward"] <= 6 * 3 * 8 * 16  # clients x steps x batch x positions
     assert (phases["test"]["tokens"]["backward"] > 0) == (chosen["chosen"] > 0)
     assert accounting["total"]["bytes_sent"] > 0 and accounting["total"]["peak_client_rss_bytes"] > 0
