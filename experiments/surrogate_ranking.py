@@ -150,6 +150,42 @@ def within_member_order(
     return agree / total, float(np.nanmean(taus)), total
 
 
+def pair_gains(
+    single: dict[tuple[int, ...], np.ndarray],
+    pair: dict[tuple[int, ...], np.ndarray],
+    pairs: list[tuple[int, ...]],
+    members: dict[tuple[int, ...], np.ndarray] | None = None,
+) -> list[float]:
+    """f_a({a}) - f_a({i, j}) for each member a of each pair, in the order (i, then j).
+
+    ``single`` holds the losses on the single roles and ``pair`` those on the pairs; members
+    whose single role is not in ``members`` (default: ``single``) are left out.
+    """
+    have = single if members is None else members
+    return [single[(a,)][0] - pair[(i, j)][k] for i, j in pairs for k, a in enumerate((i, j)) if (a,) in have]
+
+
+def ranking_scores(
+    est: dict[tuple[int, ...], np.ndarray],
+    real: dict[tuple[int, ...], np.ndarray],
+    pairs: list[tuple[int, ...]],
+    n: int,
+) -> dict[str, Any]:
+    """How one estimate ranks and levels the real losses on the subsets of ``real``."""
+    agreement, tau, comparisons = within_member_order(est, real, n)
+    e = np.concatenate([est[s] for s in real])
+    r = np.concatenate([real[s] for s in real])
+    return {
+        "within_member_order_agreement": agreement,
+        "order_comparisons": comparisons,
+        "kendall_tau": tau,
+        "relative_error": float(np.mean(np.abs(e - r) / r)),
+        "pairwise_transfer_spearman_direct": float(
+            spearmanr(pair_gains(est, est, pairs), pair_gains(real, real, pairs)).statistic
+        ),
+    }
+
+
 def seed_noise(
     real: dict[tuple[int, ...], np.ndarray], replicate: dict[tuple[int, ...], np.ndarray], pairs: list[tuple[int, ...]]
 ) -> dict[str, float]:
@@ -163,13 +199,7 @@ def seed_noise(
     """
     singles = sorted(replicate)
     diff = np.array([real[s][0] - replicate[s][0] for s in singles])
-    gain, gain_other = [], []
-    for i, j in pairs:
-        for a in (i, j):
-            pair = real[(i, j)][(i, j).index(a)]
-            if (a,) in replicate:
-                gain.append(real[(a,)][0] - pair)
-                gain_other.append(replicate[(a,)][0] - pair)
+    gain, gain_other = pair_gains(real, real, pairs, members=replicate), pair_gains(replicate, real, pairs)
     g, h = np.array(gain), np.array(gain_other)
     return {
         "single_seed_noise_std": float(np.sqrt(np.mean(diff**2) / 2)),
@@ -291,30 +321,20 @@ def main() -> None:
             estimates = solve_subsets(tasks, evaluated, lam)
             est = {s: estimates.losses[k, : len(s)] for k, s in enumerate(evaluated)}
             real_t = {s: real[t][s] for s in evaluated}
-            agreement, tau, comparisons = within_member_order(est, real_t, n)
             est_flat = np.concatenate([est[s] for s in evaluated])
             real_flat = np.concatenate([real_t[s] for s in evaluated])
             base_flat = np.concatenate([base[list(s)] for s in evaluated])
             affinity = affinity_from_features(tasks, defaults.subset_size, defaults.num_subsets, lam, defaults.seed)
-            real_gain, claimed, direct = [], [], []
-            for i, j in plan["pairs"]:
-                for a, b in ((i, j), (j, i)):
-                    pair = real_t[(i, j)][(i, j).index(a)]
-                    real_gain.append(real_t[(a,)][0] - pair)
-                    claimed.append(affinity.affinity[a, b])
-                    direct.append(est[(a,)][0] - est[(i, j)][(i, j).index(a)])
+            real_gain = pair_gains(real_t, real_t, plan["pairs"])
+            claimed = [affinity.affinity[a, b] for i, j in plan["pairs"] for a, b in ((i, j), (j, i))]
             results[f"{t}/{name}"] = {
                 "steps": t,
                 "lambda_kind": name,
                 "lambda": lam,
-                "within_member_order_agreement": agreement,
-                "order_comparisons": comparisons,
-                "kendall_tau": tau,
+                **ranking_scores(est, real_t, plan["pairs"], n),
                 "spearman_of_change": float(spearmanr(est_flat - base_flat, real_flat - base_flat).statistic),
-                "relative_error": float(np.mean(np.abs(est_flat - real_flat) / real_flat)),
                 "mean_real_change": float(np.mean(real_flat - base_flat)),
                 "pairwise_transfer_spearman": float(spearmanr(claimed, real_gain).statistic),
-                "pairwise_transfer_spearman_direct": float(spearmanr(direct, real_gain).statistic),
                 "pairwise_cases": len(real_gain),
                 "real_gain_positive_share": float(np.mean(np.array(real_gain) > 0)),
             }

@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 from peft.tuners.lora import LoraLayer
-from scipy.stats import spearmanr
 from surrogate_ranking import (
     DIM,
     LAMBDA_GRID,
@@ -53,8 +52,8 @@ from surrogate_ranking import (
     RESULTS,
     RankingSetup,
     job_path,
+    ranking_scores,
     ranking_setup,
-    within_member_order,
 )
 from torch import nn
 
@@ -221,28 +220,6 @@ def adam_on_factor_model(
     return out
 
 
-def scores(
-    est: dict[Subset, np.ndarray], real: dict[Subset, np.ndarray], pairs: list[Subset], n: int
-) -> dict[str, Any]:
-    """surrogate_ranking's measures of one estimate against the real losses."""
-    agreement, tau, comparisons = within_member_order(est, real, n)
-    real_gain, direct = [], []
-    for i, j in pairs:
-        for a in (i, j):
-            k = (i, j).index(a)
-            real_gain.append(real[(a,)][0] - real[(i, j)][k])
-            direct.append(est[(a,)][0] - est[(i, j)][k])
-    e = np.concatenate([est[s] for s in real])
-    r = np.concatenate([real[s] for s in real])
-    return {
-        "within_member_order_agreement": agreement,
-        "kendall_tau": tau,
-        "order_comparisons": comparisons,
-        "pairwise_transfer_spearman_direct": float(spearmanr(direct, real_gain).statistic),
-        "relative_error": float(np.mean(np.abs(e - r) / r)),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=RESULTS / "surrogate_ranking", help="surrogate_ranking's --work")
@@ -289,7 +266,13 @@ def main() -> None:
     def record(name: str, t: int, kind: str, lam: float | None, est: dict[Subset, np.ndarray]) -> None:
         real_t = {s: real[t][s] for s in evaluated}
         results.append(
-            {"estimate": name, "steps": t, "lambda_kind": kind, "lambda": lam, **scores(est, real_t, plan["pairs"], n)}
+            {
+                "estimate": name,
+                "steps": t,
+                "lambda_kind": kind,
+                "lambda": lam,
+                **ranking_scores(est, real_t, plan["pairs"], n),
+            }
         )
         print(json.dumps(results[-1]), flush=True)
 
