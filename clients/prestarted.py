@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from io import BufferedIOBase
 from logging import INFO, WARNING
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from flwr.supercore import log, task_worker
@@ -50,6 +51,7 @@ from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExec
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 from flwr.supercore.typing import JSONObject
 
+from clients.supernode import OBJECT_RETRY_ENV, retrying_after
 from elora_fed.errors import EloraFedError
 
 TASK_NAME = "ClientApp"
@@ -93,15 +95,16 @@ def _ready_file(socket_path: Path) -> Path:
 def serve(socket_path: Path, parent_pid: int) -> int:
     """One worker: import Flower's ClientApp runtime, then run the one task handed over ``socket_path``."""
     from flwr.supercore.app_utils import start_parent_process_monitor
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
+    from flwr.supernode.runtime import run_clientapp as runtime
 
     start_parent_process_monitor(parent_pid)  # an idle worker ends with its SuperExec
+    retry_objects_soon(runtime)
 
     def run_once(
         address: str, token: str, insecure: bool, certificates: bytes | None, started: Callable[[], None]
     ) -> int:
         started()
-        run_clientapp(address, token, insecure, certificates, parent_pid=parent_pid)  # ends in SystemExit
+        runtime.run_clientapp(address, token, insecure, certificates, parent_pid=parent_pid)  # ends in SystemExit
         return 0
 
     return task_worker.serve_prestarted_worker(
@@ -112,6 +115,20 @@ def serve(socket_path: Path, parent_pid: int) -> int:
         Invocation.from_payload,
         TASK_NAME,
     )
+
+
+def retry_objects_soon(runtime: ModuleType) -> None:
+    """Make the ClientApp runtime ``runtime`` retry its message's missing objects soon.
+
+    The SuperNode announces a message to its SuperExec before it has pulled the message's
+    objects from the SuperLink, so a ClientApp that starts at once, as a prestarted one
+    does, finds some missing, and Flower's runtime retries them after 1 s. With
+    ``OBJECT_RETRY_ENV`` set (``elora-fed supernode`` sets it to ``--reply-poll-s``), the
+    first retry comes after that many seconds instead, doubling as Flower's do.
+    """
+    if OBJECT_RETRY_ENV in os.environ:
+        pull = retrying_after(runtime.pull_and_inflate_object_from_tree, float(os.environ[OBJECT_RETRY_ENV]))
+        setattr(runtime, "pull_and_inflate_object_from_tree", pull)  # noqa: B010 (a module attribute, set by name)
 
 
 class PrestartedClientApps(SubprocessExecutor):
@@ -202,6 +219,13 @@ def run_superexec(argv: Sequence[str]) -> None:
             "run elora-fed supernode --no-prestart"
         )
     from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supernode.runtime import run_clientapp as runtime
+
+    if not hasattr(runtime, "pull_and_inflate_object_from_tree"):
+        raise SuperExecVersionError(
+            f"{runtime.__name__} has no pull_and_inflate_object_from_tree: this Flower's ClientApp runtime is not "
+            "Flower 1.42's; run elora-fed supernode --no-prestart"
+        )
 
     flower_get_executor = module.get_executor
 

@@ -16,7 +16,9 @@ with:
   pull up to Flower's 3 s, so an idle node costs the SuperLink what Flower's does, and a
   busy one is answered at once;
 - replies checked, and a message's missing objects first retried, after ``--reply-poll-s``
-  (the retries then double, as Flower's do);
+  (the retries then double, as Flower's do), in the SuperNode and in its prestarted
+  ClientApps, which pull a message's objects from the SuperNode while it still pulls them
+  from the SuperLink;
 - its SuperExec's poll interval ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` set to
   ``--reply-poll-s`` unless the environment sets it;
 - its SuperExec started as ``python -m clients.prestarted superexec``, which hands each
@@ -46,6 +48,8 @@ FLOWER_IDLE_POLL_S = 3.0
 """Flower 1.42's fixed wait after an empty pull (``start_client_internal.py``); the backoff's ceiling."""
 
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+OBJECT_RETRY_ENV = "ELORA_FED_OBJECT_RETRY_S"
+"""The first retry of a message object, in seconds, for the prestarted ClientApps (``clients/prestarted.py``)."""
 
 
 class SuperNodeVersionError(EloraFedError):
@@ -93,19 +97,30 @@ def _require(loop: ModuleType, needed: Sequence[str]) -> None:
 def shorten_waits(loop: ModuleType, waits: Waits) -> None:
     """Make Flower's SuperNode loop ``loop`` sleep through ``waits`` and report activity to it."""
     _require(loop, ("time", "_push_messages", "pull_objects", "start_client_internal"))
-    push, pull = loop._push_messages, loop.pull_objects
+    push = loop._push_messages
 
     def push_and_reset(*args: Any, **kwargs: Any) -> None:
         waits.active()
         push(*args, **kwargs)
 
-    def pull_soon(*args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("initial_backoff", waits.reply)
-        return pull(*args, **kwargs)
-
     setattr(loop, "time", _TimeModule(waits))  # noqa: B010 (module attributes, set by name)
     setattr(loop, "_push_messages", push_and_reset)  # noqa: B010
-    setattr(loop, "pull_objects", pull_soon)  # noqa: B010
+    setattr(loop, "pull_objects", retrying_after(loop.pull_objects, waits.reply))  # noqa: B010
+
+
+def retrying_after(pull: Callable[..., Any], seconds: float) -> Callable[..., Any]:
+    """Flower's object pull ``pull``, whose first retry of an object not there yet comes after ``seconds``.
+
+    Flower's pulls (``flwr.supercore.inflatable.inflatable_utils``) first retry after 1 s
+    (``PULL_INITIAL_BACKOFF``), then double; a message is announced before its objects have
+    all arrived, so a pull that starts at once often pays that second.
+    """
+
+    def pull_soon(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("initial_backoff", seconds)
+        return pull(*args, **kwargs)
+
+    return pull_soon
 
 
 class _TimeModule:
@@ -150,5 +165,6 @@ def run(argv: Sequence[str], idle_poll_s: float, reply_poll_s: float, prestart: 
     if prestart:
         prestart_clientapps(loop)
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(reply_poll_s))  # the SuperExec child inherits it
+    os.environ.setdefault(OBJECT_RETRY_ENV, str(reply_poll_s))  # and its ClientApp processes
     sys.argv = ["flower-supernode", *argv]
     flower_supernode()

@@ -4,10 +4,15 @@ import importlib
 import time
 import types
 
+import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-from clients.supernode import FLOWER_IDLE_POLL_S, SuperNodeVersionError, Waits, shorten_waits
+from clients.prestarted import retry_objects_soon
+from clients.supernode import FLOWER_IDLE_POLL_S, OBJECT_RETRY_ENV, SuperNodeVersionError, Waits, shorten_waits
+from strategies.in_process import act_as_server
 
 
 def test_idle_waits_double_from_the_short_wait_up_to_flowers_and_restart_after_a_message():
@@ -48,3 +53,26 @@ def test_the_installed_flower_loop_gets_the_short_waits():
 def test_a_flower_whose_loop_differs_is_refused_by_name():
     with pytest.raises(SuperNodeVersionError, match="_push_messages"):
         shorten_waits(types.ModuleType("flwr.supernode.start_client_internal"), Waits(idle=0.05, reply=0.05))
+
+
+def test_a_prestarted_clientapp_retries_a_message_object_not_there_yet_within_the_short_wait(monkeypatch):
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    fake = types.ModuleType(runtime.__name__)
+    fake.pull_and_inflate_object_from_tree = runtime.pull_and_inflate_object_from_tree  # type: ignore[attr-defined]
+    monkeypatch.setenv(OBJECT_RETRY_ENV, "0.02")
+    retry_objects_soon(fake)
+    act_as_server()  # a Message takes its run from the process's task identity
+    message = Message(RecordDict({"x": ArrayRecord({"w": Array(np.arange(4.0))})}), dst_node_id=1, message_type="train")
+    contents = {i: o.deflate() for i, o in get_all_nested_objects(message).items()}
+    missing_once = set(contents)
+
+    def pull(object_id: str) -> bytes:
+        if object_id in missing_once:  # the SuperNode has not pulled it from the SuperLink yet
+            missing_once.discard(object_id)
+            raise ObjectUnavailableError(object_id)
+        return contents[object_id]
+
+    started = time.monotonic()
+    pulled = fake.pull_and_inflate_object_from_tree(get_object_tree(message), pull, lambda _: None, return_type=Message)
+    assert not missing_once and time.monotonic() - started < 0.5  # Flower's first retry waits 1 s
+    np.testing.assert_array_equal(pulled.content["x"]["w"].numpy(), np.arange(4.0))
