@@ -210,22 +210,21 @@ def _relay(channel: BufferedIOBase, quiet: bool) -> None:
                 return
 
 
+def _require(module: ModuleType, name: str, what: str) -> None:
+    if not hasattr(module, name):
+        raise SuperExecVersionError(
+            f"{module.__name__} has no {name}: this Flower's {what} is not Flower 1.42's; "
+            "run elora-fed supernode --no-prestart"
+        )
+
+
 def run_superexec(argv: Sequence[str]) -> None:
     """``flower-superexec ARGV`` whose subprocess executor is ``PrestartedClientApps`` (blocks until it exits)."""
     module = importlib.import_module("flwr.supercore.superexec.run_superexec")
-    if not hasattr(module, "get_executor"):
-        raise SuperExecVersionError(
-            f"{module.__name__} has no get_executor: this Flower's SuperExec is not Flower 1.42's; "
-            "run elora-fed supernode --no-prestart"
-        )
+    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    _require(module, "get_executor", "SuperExec")
+    _require(runtime, "pull_and_inflate_object_from_tree", "ClientApp runtime")  # retry_objects_soon's
     from flwr.supercore.cli.flower_superexec import flower_superexec
-    from flwr.supernode.runtime import run_clientapp as runtime
-
-    if not hasattr(runtime, "pull_and_inflate_object_from_tree"):
-        raise SuperExecVersionError(
-            f"{runtime.__name__} has no pull_and_inflate_object_from_tree: this Flower's ClientApp runtime is not "
-            "Flower 1.42's; run elora-fed supernode --no-prestart"
-        )
 
     flower_get_executor = module.get_executor
 
