@@ -39,7 +39,9 @@ class FederationConfig(Section):
     bounds that wait and the nodes' first answer (it loads their data); ``timeout_s`` bounds
     every later exchange of messages (stragglers past it are left out of that round). ``max_in_flight`` bounds the messages queued at the
     SuperLink at once (0: all), which keeps Flower's simulation engine from spending a CPU
-    core scanning them. ``ray_address`` attaches ``elora-fed run`` to a running Ray
+    core scanning them. ``poll_s`` is the wait between the server's checks for replies: every
+    message's latency includes up to one of them, and a check of at most ``max_in_flight``
+    messages costs the SuperLink one lookup. ``ray_address`` attaches ``elora-fed run`` to a running Ray
     cluster (``auto`` or ``host:port``); empty starts a local one. ``cpus_per_client`` and
     ``gpus_per_client`` size each simulated client's Ray actor.
 
@@ -58,6 +60,7 @@ class FederationConfig(Section):
     wait_s: float = 300.0
     timeout_s: float = 3600.0
     max_in_flight: int = 16
+    poll_s: float = 0.05
     ray_address: str = ""
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
@@ -72,6 +75,7 @@ class FederationConfig(Section):
         check_range("federation.wait_s", self.wait_s, low=0.0, inclusive_low=False)
         check_range("federation.timeout_s", self.timeout_s, low=0.0, inclusive_low=False)
         check_range("federation.max_in_flight", self.max_in_flight, low=0)
+        check_range("federation.poll_s", self.poll_s, low=0.0, inclusive_low=False)
         check_range("federation.cpus_per_client", self.cpus_per_client, low=0.0, inclusive_low=False)
         check_range("federation.gpus_per_client", self.gpus_per_client, low=0.0)
         check_range("federation.min_fraction", self.min_fraction, low=0.0, high=1.0)

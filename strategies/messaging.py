@@ -100,15 +100,13 @@ def records_bytes(content: RecordDict) -> int:
     return total
 
 
-def exchange(
-    grid: Grid, messages: Iterable[Message], label: str, federation: FederationConfig, poll_s: float = 0.2
-) -> Exchange:
+def exchange(grid: Grid, messages: Iterable[Message], label: str, federation: FederationConfig) -> Exchange:
     """Send ``messages``, wait for their replies up to ``federation.timeout_s`` seconds, show progress.
 
     At most ``federation.max_in_flight`` messages (0: all) wait at the SuperLink at a time; the rest
-    are pushed as replies come in. Flower's simulation engine scans every stored message
-    for every node ten times a second, so hundreds of queued messages cost a CPU core that
-    the clients need. On a terminal the progress is a live bar; otherwise (logs, CI) a
+    are pushed as replies come in, and replies are checked every ``federation.poll_s`` seconds.
+    Flower's simulation engine scans every stored message for every node ten times a second,
+    so hundreds of queued messages cost a CPU core that the clients need. On a terminal the progress is a live bar; otherwise (logs, CI) a
     line every 30 s.
     """
     start = time.perf_counter()
@@ -157,7 +155,7 @@ def exchange(
                 eta = (now - start) / len(received) * (sent - len(received)) if received else float("nan")
                 console.log(f"{label}: {len(received)}/{sent} answered after {now - start:.0f} s, ETA {eta:.0f} s")
             if pending and not replies:
-                time.sleep(poll_s)
+                time.sleep(federation.poll_s)
     ok = sorted((r for r in received if not r.has_error()), key=lambda r: r.metadata.src_node_id)
     failures = [f"node {r.metadata.src_node_id}: {error_gist(r.error.reason or '')}" for r in received if r.has_error()]
     failures += [f"no reply within {timeout:.0f} s"] * (len(pending) + len(queue))
