@@ -134,12 +134,28 @@ class GroupTraining:
         return arrays
 
 
+def best_name(group: int) -> str:
+    """The checkpoint key of the best adapter so far of ``group`` (``train.keep_best``)."""
+    return f"{adapter_name(group)}-best"
+
+
+def keep_best_adapters(run: RunState, new: dict[int, AdapterState], losses: dict[int, float], rnd: int) -> None:
+    """Checkpoint each group's adapter of round ``rnd`` where its validation loss is its lowest so far."""
+    best = run.info.setdefault("group_best", {})  # group -> lowest validation loss so far
+    rounds = run.info.setdefault("group_best_round", {})
+    for g, loss in losses.items():
+        if loss < best.get(str(g), float("inf")):
+            best[str(g)], rounds[str(g)] = loss, rnd
+            run.snapshot.adapters[best_name(g)] = new[g]
+
+
 class TrainingPhase:
     """``train.rounds`` rounds of every group from theta*, checkpointed after each round.
 
     Every ``train.validation_every`` rounds the groups' adapters are evaluated on their
     clients' validation splits; with ``train.patience``, training stops once that many
-    evaluations in a row brought no lower validation loss. The adapters are saved under
+    evaluations in a row brought no lower validation loss; with ``train.keep_best``, each group
+    keeps its adapter of its own lowest validation loss. The adapters are saved under
     ``adapters/group-<g>`` as peft adapters.
     """
 
@@ -165,6 +181,14 @@ class TrainingPhase:
                 )
                 loss = client_mean(per_client, "loss")
                 record.update(validation_loss=loss, validation_accuracy=client_mean(per_client, "accuracy"))
+                by_group = {
+                    g: client_mean({c: per_client[c] for c in members if c in per_client}, "loss")
+                    for g, members in groups.items()
+                }
+                record["group_validation_loss"] = {str(g): v for g, v in by_group.items()}
+                if config.train.keep_best:
+                    keep_best_adapters(run, new, by_group, rnd)
+                    record["kept_rounds"] = dict(run.info["group_best_round"])  # so far; final on the last round
                 best = run.info.setdefault("validation_best", [float("inf"), 0])  # [lowest loss, evaluations since]
                 best[:] = [loss, 0] if loss < best[0] else [best[0], best[1] + 1]
                 console.log(f"round {rnd}: validation loss {loss:.4f} (best {best[0]:.4f})")
@@ -178,6 +202,9 @@ class TrainingPhase:
         first = int(run.info.get("train_round", 0)) + 1
         last = int(run.info.get("train_stopped", config.train.rounds))
         arrays = yield from GroupTraining(fed, "train").rounds(groups, arrays, strategies, first, last, on_round)
+        if config.train.keep_best:
+            arrays = {g: snap.adapters.pop(best_name(g), state) for g, state in arrays.items()}
+            console.log(f"each group keeps its adapter of round {run.info.get('group_best_round', {})}")
         for g, state in arrays.items():
             snap.adapters[adapter_name(g)] = state
             save_peft_adapter(state, config.adapter, config.model.name, adapter_dir(run.dir, g))

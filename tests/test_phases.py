@@ -197,3 +197,37 @@ def test_resuming_a_directory_that_is_not_a_run_names_it(tmp_path):
     with pytest.raises(ConfigError, match="is not a run directory: it has no config.json"):
         run_pipeline(InProcessGrid(4), RunConfig.from_flat({"resume": str(tmp_path)}))
     assert list(tmp_path.iterdir()) == []  # nothing written into it
+
+
+def test_keep_best_gives_each_group_its_adapter_of_its_lowest_validation_loss(tmp_path):
+    """``train.keep_best``: a group's saved adapter is the one a run stopped at its best round would save."""
+    from elora_fed.model.adapters import load_peft_adapter
+
+    settings = {**TINY, "boost.steps": 0, "train.rounds": 4, "train.lr": 0.3, "train.validation_every": 1}
+    kept = run_pipeline(
+        InProcessGrid(4), RunConfig.from_flat({**settings, "train.keep_best": True, "run_dir": str(tmp_path / "kept")})
+    )
+    curve = [json.loads(line) for line in (kept / "metrics.jsonl").read_text().splitlines()]
+    curve = [m for m in curve if m["phase"] == "train"]
+    rounds = curve[-1]["kept_rounds"]
+    for g, r in rounds.items():
+        losses = [m["group_validation_loss"][g] for m in curve]
+        assert r == 1 + int(np.argmin(losses))
+    assert min(rounds.values()) < 4, f"every group was best at the last round, so this checks nothing: {rounds}"
+    g, r = min(rounds.items(), key=lambda item: item[1])
+    stopped = run_pipeline(
+        InProcessGrid(4), RunConfig.from_flat({**settings, "train.rounds": r, "run_dir": str(tmp_path / "stopped")})
+    )
+    last = run_pipeline(InProcessGrid(4), RunConfig.from_flat({**settings, "run_dir": str(tmp_path / "last")}))
+    want, got = (
+        load_peft_adapter(stopped / "adapters" / f"group-{g}"),
+        load_peft_adapter(kept / "adapters" / f"group-{g}"),
+    )
+    other = load_peft_adapter(last / "adapters" / f"group-{g}")
+    assert all(torch.allclose(got[k], want[k]) for k in want)
+    assert not all(torch.allclose(other[k], want[k]) for k in want)  # the last round's adapter is another
+
+
+def test_keep_best_without_validation_is_refused():
+    with pytest.raises(ConfigError, match="train.keep_best needs train.validation_every"):
+        RunConfig.from_flat({"train.keep_best": True})

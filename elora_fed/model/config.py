@@ -83,7 +83,10 @@ class TrainConfig(Section):
     evaluates every group's adapter on its clients' validation splits after every that many
     rounds (and the last): the learning curve that a training budget is chosen from. With
     ``patience > 0`` as well, training stops once that many evaluations in a row bring no
-    lower mean validation loss (the adapters are the last round's).
+    lower mean validation loss (the adapters are the last round's). ``keep_best`` (with
+    ``validation_every``) stops each group on its own: every group keeps its adapter from the
+    evaluation at which its own clients' mean validation loss was lowest, not the last
+    round's, so a small group that overfits in later rounds keeps an earlier adapter.
     """
 
     rounds: int = 3
@@ -96,6 +99,7 @@ class TrainConfig(Section):
     finetune_steps: int = 0
     validation_every: int = 0
     patience: int = 0
+    keep_best: bool = False
 
     def validate(self) -> None:
         check_range("train.rounds", self.rounds, low=0)
@@ -103,6 +107,8 @@ class TrainConfig(Section):
         check_range("train.patience", self.patience, low=0)
         if self.patience and not self.validation_every:
             raise ConfigError("train.patience needs train.validation_every > 0: it counts validation evaluations")
+        if self.keep_best and not self.validation_every:
+            raise ConfigError("train.keep_best needs train.validation_every > 0: it keeps the best evaluated adapter")
         check_range("train.local_steps", self.local_steps, low=1)
         check_range("train.lr", self.lr, low=0.0, inclusive_low=False)
         check_range("train.batch_size", self.batch_size, low=1)
