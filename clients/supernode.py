@@ -12,9 +12,11 @@ full 3 s, then often a second for its objects and up to one before its ClientApp
 ``elora-fed supernode ARGS`` runs the same SuperNode (every ``flower-supernode`` option)
 with:
 
-- an idle wait that backs off: ``--idle-poll-s`` after a message, doubling on every empty
-  pull up to Flower's 3 s, so an idle node costs the SuperLink what Flower's does, and a
-  busy one is answered at once;
+- an idle wait that backs off: ``--idle-poll-s`` after a message, growing by
+  ``--idle-backoff`` (1.25) on every empty pull up to Flower's 3 s, so an idle node costs
+  the SuperLink what Flower's does, and a message that arrives g seconds after the last
+  waits at most (backoff - 1) g to be picked up (doubling wasted up to g: the server's
+  work between messages is often a second);
 - replies checked, and a message's missing objects first retried, after ``--reply-poll-s``
   (the retries then double, as Flower's do), in the SuperNode and in its prestarted
   ClientApps, which pull a message's objects from the SuperNode while it still pulls them
@@ -62,11 +64,13 @@ class Waits:
 
     Flower's loop sleeps ``FLOWER_IDLE_POLL_S`` after an empty pull and 0.5 s in its other
     waits (a reply, an object's content). An idle sleep here is ``idle`` after activity,
-    doubled on every consecutive one up to Flower's; any other is at most ``reply``.
+    multiplied by ``growth`` on every consecutive one up to Flower's; any other is at most
+    ``reply``.
     """
 
     idle: float
     reply: float
+    growth: float = 1.25
     sleep: Callable[[float], None] = time.sleep
     _next_idle: float = field(init=False, default=0.0)
 
@@ -76,7 +80,7 @@ class Waits:
     def wait(self, seconds: float) -> None:
         if seconds >= FLOWER_IDLE_POLL_S:
             self.sleep(self._next_idle)
-            self._next_idle = min(2 * self._next_idle, FLOWER_IDLE_POLL_S)
+            self._next_idle = min(self.growth * self._next_idle, FLOWER_IDLE_POLL_S)
         else:
             self.sleep(min(seconds, self.reply))
 
@@ -154,14 +158,18 @@ class _SubprocessModule:
         return getattr(subprocess, name)
 
 
-def run(argv: Sequence[str], idle_poll_s: float, reply_poll_s: float, prestart: bool = True) -> None:
+def run(
+    argv: Sequence[str], idle_poll_s: float, reply_poll_s: float, prestart: bool = True, idle_backoff: float = 1.25
+) -> None:
     """``flower-supernode ARGV`` with the shorter waits, and prestarted ClientApps (blocks until it exits)."""
     if idle_poll_s <= 0 or reply_poll_s <= 0:
         raise EloraFedError(f"poll intervals must be positive, got idle {idle_poll_s}, reply {reply_poll_s}")
+    if idle_backoff < 1:
+        raise EloraFedError(f"--idle-backoff must be at least 1 (the wait's growth per empty pull), got {idle_backoff}")
     from flwr.supernode.cli import flower_supernode
 
     loop = importlib.import_module("flwr.supernode.start_client_internal")  # the module, not its function
-    shorten_waits(loop, Waits(idle=idle_poll_s, reply=reply_poll_s))
+    shorten_waits(loop, Waits(idle=idle_poll_s, reply=reply_poll_s, growth=idle_backoff))
     if prestart:
         prestart_clientapps(loop)
     os.environ.setdefault(SUPEREXEC_POLL_ENV, str(reply_poll_s))  # the SuperExec child inherits it

@@ -88,9 +88,13 @@ def _parser() -> argparse.ArgumentParser:
         "supernode",
         help="flower-supernode with waits of a fraction of a second instead of 3 s, and prestarted ClientApps "
         "(docs/deployment.md)",
-        usage="elora-fed supernode [--idle-poll-s S] [--reply-poll-s S] [--no-prestart] -- FLOWER_SUPERNODE_ARGS...",
+        usage="elora-fed supernode [--idle-poll-s S] [--idle-backoff F] [--reply-poll-s S] [--no-prestart] "
+        "-- FLOWER_SUPERNODE_ARGS...",
     )
     p.add_argument("--idle-poll-s", type=float, default=0.05, help="wait after a message's first empty pull")
+    p.add_argument(
+        "--idle-backoff", type=float, default=1.25, help="growth of the wait on every further empty pull, up to 3 s"
+    )
     p.add_argument("--reply-poll-s", type=float, default=0.05, help="wait between checks for a ClientApp's reply")
     p.add_argument(
         "--no-prestart",
@@ -139,7 +143,7 @@ def _supernode(args: argparse.Namespace) -> None:
     from clients.supernode import run
 
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    run(flower_args, args.idle_poll_s, args.reply_poll_s, args.prestart)
+    run(flower_args, args.idle_poll_s, args.reply_poll_s, args.prestart, args.idle_backoff)
 
 
 def _fetch_data(args: argparse.Namespace) -> None:

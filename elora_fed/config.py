@@ -60,7 +60,7 @@ class FederationConfig(Section):
     wait_s: float = 300.0
     timeout_s: float = 3600.0
     max_in_flight: int = 16
-    poll_s: float = 0.05
+    poll_s: float = 0.2
     ray_address: str = ""
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0

@@ -15,15 +15,26 @@ from clients.supernode import FLOWER_IDLE_POLL_S, OBJECT_RETRY_ENV, SuperNodeVer
 from strategies.in_process import act_as_server
 
 
-def test_idle_waits_double_from_the_short_wait_up_to_flowers_and_restart_after_a_message():
+def test_idle_waits_grow_from_the_short_wait_up_to_flowers_and_restart_after_a_message():
     slept: list[float] = []
-    waits = Waits(idle=0.05, reply=0.02, sleep=slept.append)
+    waits = Waits(idle=0.05, reply=0.02, growth=2.0, sleep=slept.append)
     for _ in range(9):
         waits.wait(FLOWER_IDLE_POLL_S)  # the loop's sleep after an empty pull
     waits.active()
     waits.wait(FLOWER_IDLE_POLL_S)
     waits.wait(0.5)  # the loop's wait for a reply
     assert slept == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 3.0, 0.05, 0.02]
+
+
+def test_the_default_idle_growth_picks_a_message_up_within_a_quarter_of_its_delay():
+    slept: list[float] = []
+    waits = Waits(idle=0.05, reply=0.05, sleep=slept.append)
+    for _ in range(40):
+        waits.wait(FLOWER_IDLE_POLL_S)
+    pulls = np.cumsum(slept)  # when the empty pulls come, from the last message on
+    for delay in (0.3, 1.0, 2.5):  # a message that arrives this long after the last is picked up at the next pull
+        assert pulls[np.searchsorted(pulls, delay)] - delay <= 0.25 * delay + 0.05
+    assert sum(pulls < 3.0) <= 13  # while a node with doubling waits would pull 6 times in those 3 s
 
 
 def test_the_installed_flower_loop_gets_the_short_waits():
@@ -36,7 +47,7 @@ def test_the_installed_flower_loop_gets_the_short_waits():
     shorten_waits(fake, waits)
     fake.time.sleep(3)
     fake.time.sleep(3)
-    assert slept == [0.05, 0.1] and fake.time.monotonic() > 0
+    assert slept == [0.05, 0.0625] and fake.time.monotonic() > 0
     tries: list[int] = []
 
     def unavailable_once(object_id: str) -> bytes:
