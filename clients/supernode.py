@@ -158,9 +158,7 @@ class _SubprocessModule:
         return getattr(subprocess, name)
 
 
-def run(
-    argv: Sequence[str], idle_poll_s: float, reply_poll_s: float, prestart: bool = True, idle_backoff: float = 1.25
-) -> None:
+def run(argv: Sequence[str], idle_poll_s: float, reply_poll_s: float, prestart: bool, idle_backoff: float) -> None:
     """``flower-supernode ARGV`` with the shorter waits, and prestarted ClientApps (blocks until it exits)."""
     if idle_poll_s <= 0 or reply_poll_s <= 0:
         raise EloraFedError(f"poll intervals must be positive, got idle {idle_poll_s}, reply {reply_poll_s}")

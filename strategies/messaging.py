@@ -106,8 +106,8 @@ def exchange(grid: Grid, messages: Iterable[Message], label: str, federation: Fe
     At most ``federation.max_in_flight`` messages (0: all) wait at the SuperLink at a time; the rest
     are pushed as replies come in, and replies are checked every ``federation.poll_s`` seconds.
     Flower's simulation engine scans every stored message for every node ten times a second,
-    so hundreds of queued messages cost a CPU core that the clients need. On a terminal the progress is a live bar; otherwise (logs, CI) a
-    line every 30 s.
+    so hundreds of queued messages cost a CPU core that the clients need. On a terminal the
+    progress is a live bar; otherwise (logs, CI) a line every 30 s.
     """
     start = time.perf_counter()
     last_line = start

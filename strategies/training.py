@@ -141,12 +141,16 @@ def best_name(group: int) -> str:
 
 def keep_best_adapters(run: RunState, new: dict[int, AdapterState], losses: dict[int, float], rnd: int) -> None:
     """Checkpoint each group's adapter of round ``rnd`` where its validation loss is its lowest so far."""
-    best = run.info.setdefault("group_best", {})  # group -> lowest validation loss so far
-    rounds = run.info.setdefault("group_best_round", {})
+    best = run.info.setdefault("group_best", {})  # group -> [lowest validation loss so far, its round]
     for g, loss in losses.items():
-        if loss < best.get(str(g), float("inf")):
-            best[str(g)], rounds[str(g)] = loss, rnd
+        if loss < best.get(str(g), [float("inf")])[0]:
+            best[str(g)] = [loss, rnd]
             run.snapshot.adapters[best_name(g)] = new[g]
+
+
+def kept_rounds(run: RunState) -> dict[str, int]:
+    """The round of each group's best adapter so far (``keep_best_adapters``)."""
+    return {g: r for g, (_, r) in run.info.get("group_best", {}).items()}
 
 
 class TrainingPhase:
@@ -188,7 +192,7 @@ class TrainingPhase:
                 record["group_validation_loss"] = {str(g): v for g, v in by_group.items()}
                 if config.train.keep_best:
                     keep_best_adapters(run, new, by_group, rnd)
-                    record["kept_rounds"] = dict(run.info["group_best_round"])  # so far; final on the last round
+                    record["kept_rounds"] = kept_rounds(run)  # so far; final on the last round
                 best = run.info.setdefault("validation_best", [float("inf"), 0])  # [lowest loss, evaluations since]
                 best[:] = [loss, 0] if loss < best[0] else [best[0], best[1] + 1]
                 console.log(f"round {rnd}: validation loss {loss:.4f} (best {best[0]:.4f})")
@@ -204,7 +208,7 @@ class TrainingPhase:
         arrays = yield from GroupTraining(fed, "train").rounds(groups, arrays, strategies, first, last, on_round)
         if config.train.keep_best:
             arrays = {g: snap.adapters.pop(best_name(g), state) for g, state in arrays.items()}
-            console.log(f"each group keeps its adapter of round {run.info.get('group_best_round', {})}")
+            console.log(f"each group keeps its adapter of round {kept_rounds(run)}")
         for g, state in arrays.items():
             snap.adapters[adapter_name(g)] = state
             save_peft_adapter(state, config.adapter, config.model.name, adapter_dir(run.dir, g))
