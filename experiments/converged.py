@@ -342,7 +342,7 @@ def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: 
         "budget": budget,
         "methods": methods,
     }
-    for candidate in ("ensemble", "ensemble-centered"):
+    for candidate in ("ensemble", "ensemble-centered", "ensemble-keep-best"):
         prefix = "" if candidate == "ensemble" else f"{candidate}."  # the keys are EnsembleLoRA's
         for base, name in (("qlora", "qlora"), ("random", "random"), ("mtl-ft", "mtlft")):
             if candidate in by_method and base in by_method:

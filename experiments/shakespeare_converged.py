@@ -34,7 +34,8 @@ SHAKESPEARE = Experiment(
     finetune_steps=10,  # MTL-FT: at most 10 local steps (2 local epochs), the count chosen on validation
     # Removing per-role offsets from the affinity is the candidate default: three seeds, like EnsembleLoRA.
     core=("ensemble", "qlora", "random", "ensemble-centered"),
-    extra=("mtl-ft", "cosine", "local", "qlora-matched"),
+    # keep-best: each group's adapter of its lowest own validation loss (small groups overfit in later rounds)
+    extra=("mtl-ft", "cosine", "local", "qlora-matched", "ensemble-keep-best"),
     m_sweep=(2, 3, 8),  # around the automatic choice, 5 at every seed (the paper: 10 to 30 of 500 roles)
 )
 

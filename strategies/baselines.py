@@ -26,13 +26,15 @@ import numpy as np
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError
 
-METHODS = ("ensemble", "ensemble-centered", "qlora", "mtl-ft", "cosine", "random", "local")
+METHODS = ("ensemble", "ensemble-centered", "ensemble-keep-best", "qlora", "mtl-ft", "cosine", "random", "local")
 
 
 def method_settings(method: str, finetune_steps: int = 0, num_groups: int | None = None) -> dict[str, Any]:
     """The overrides that turn the default (EnsembleLoRA) run into ``method``.
 
     ``ensemble-centered``: EnsembleLoRA on the affinity without per-client offsets;
+    ``ensemble-keep-best``: EnsembleLoRA where each group keeps its adapter of its lowest
+    own-client validation loss over the rounds (a per-group early stop: small groups overfit);
     ``qlora``: one adapter; ``mtl-ft``: it, fine-tuned ``finetune_steps`` locally; ``cosine``:
     gradient-cosine groups; ``random``: ``num_groups`` random groups (EnsembleLoRA's m, for a
     like-for-like comparison); ``local``: one adapter per client. Baselines with one adapter
@@ -42,6 +44,7 @@ def method_settings(method: str, finetune_steps: int = 0, num_groups: int | None
     table: dict[str, dict[str, Any]] = {
         "ensemble": {},
         "ensemble-centered": {"affinity.offsets": "remove"},
+        "ensemble-keep-best": {"train.validation_every": 1, "train.keep_best": True},
         "qlora": one,
         "mtl-ft": {**one, "train.finetune_steps": finetune_steps},
         "cosine": {"affinity.mode": "gradient-cosine"},

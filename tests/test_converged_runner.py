@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from elora_fed.config import load_config
 from elora_fed.errors import ConfigError, DataError
 from strategies.baselines import method_settings
 
@@ -83,6 +84,9 @@ def test_method_settings_name_every_baseline_and_reject_bad_ones():
         method_settings("random")
     with pytest.raises(ConfigError, match="unknown method"):
         method_settings("best")
+    keep_best = load_config(overrides=method_settings("ensemble-keep-best"))  # a valid run: it evaluates every round
+    assert keep_best.train.keep_best and keep_best.train.validation_every == 1
+    assert ("ensemble-keep-best", 0, "bf16") in runner.plan(SHAKESPEARE, [0, 1, 2])
 
 
 def test_the_classification_report_adds_per_task_accuracy_majority_and_points():
