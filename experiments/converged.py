@@ -109,6 +109,11 @@ def commit() -> str:
     ).stdout.strip()
 
 
+def override(key: str, value: Any) -> str:
+    """``key=value`` as ``elora-fed run --set`` parses it (a TOML value: booleans are ``true``/``false``)."""
+    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+
+
 def run_pipeline(settings: dict[str, Any], work: Path) -> Path:
     """``elora-fed run`` in its own process, resumed if an earlier attempt left a checkpoint."""
     work.mkdir(parents=True, exist_ok=True)
@@ -116,7 +121,7 @@ def run_pipeline(settings: dict[str, Any], work: Path) -> Path:
     if previous:
         cmd = [sys.executable, "-m", "elora_fed.cli", "run", "--resume", str(previous[-1].parent)]
     else:
-        overrides = [f"--set={k}={v}" for k, v in settings.items()]
+        overrides = [f"--set={override(k, v)}" for k, v in settings.items()]
         cmd = [sys.executable, "-m", "elora_fed.cli", "run", *overrides, f"--set=run_dir={work}"]
     with (work / "log.txt").open("a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elora_fed.config import load_config
+from elora_fed.config import load_config, parse_override
 from elora_fed.errors import ConfigError, DataError
 from strategies.baselines import method_settings
 
@@ -87,6 +87,8 @@ def test_method_settings_name_every_baseline_and_reject_bad_ones():
     keep_best = load_config(overrides=method_settings("ensemble-keep-best"))  # a valid run: it evaluates every round
     assert keep_best.train.keep_best and keep_best.train.validation_every == 1
     assert ("ensemble-keep-best", 0, "bf16") in runner.plan(SHAKESPEARE, [0, 1, 2])
+    for key, value in {**method_settings("ensemble-keep-best"), **method_settings("qlora"), "train.lr": 0.005}.items():
+        assert parse_override(runner.override(key, value)) == (key, value)  # as the run's process reads it
 
 
 def test_the_classification_report_adds_per_task_accuracy_majority_and_points():
