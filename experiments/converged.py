@@ -347,9 +347,16 @@ def write_report(exp: Experiment, results: Path, budget: dict[str, Any], seeds: 
         "budget": budget,
         "methods": methods,
     }
-    for candidate in ("ensemble", "ensemble-centered", "ensemble-keep-best"):
+    baselines = (("qlora", "qlora"), ("random", "random"), ("mtl-ft", "mtlft"))
+    # keep-best against the same run keeping its last round's adapters: the choice of adapter alone
+    comparisons = {
+        "ensemble": baselines,
+        "ensemble-centered": baselines,
+        "ensemble-keep-best": (*baselines, ("ensemble-validated", "validated")),
+    }
+    for candidate, bases in comparisons.items():
         prefix = "" if candidate == "ensemble" else f"{candidate}."  # the keys are EnsembleLoRA's
-        for base, name in (("qlora", "qlora"), ("random", "random"), ("mtl-ft", "mtlft")):
+        for base, name in bases:
             if candidate in by_method and base in by_method:
                 out.update(
                     {prefix + k: v for k, v in compare(by_method[candidate], by_method[base], name, exp.metric).items()}

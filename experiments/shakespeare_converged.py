@@ -34,8 +34,9 @@ SHAKESPEARE = Experiment(
     finetune_steps=10,  # MTL-FT: at most 10 local steps (2 local epochs), the count chosen on validation
     # Removing per-role offsets from the affinity is the candidate default: three seeds, like EnsembleLoRA.
     core=("ensemble", "qlora", "random", "ensemble-centered"),
-    # keep-best: each group's adapter of its lowest own validation loss (small groups overfit in later rounds)
-    extra=("mtl-ft", "cosine", "local", "qlora-matched", "ensemble-keep-best"),
+    # keep-best: each group's adapter of its lowest own validation loss (small groups overfit in later rounds);
+    # validated: the same run keeping the last round's adapters, keep-best's ablation at the same groups
+    extra=("mtl-ft", "cosine", "local", "qlora-matched", "ensemble-keep-best", "ensemble-validated"),
     m_sweep=(2, 3, 8),  # around the automatic choice, 5 at every seed (the paper: 10 to 30 of 500 roles)
 )
 

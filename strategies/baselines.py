@@ -26,7 +26,17 @@ import numpy as np
 from elora_fed.config import RunConfig
 from elora_fed.errors import ConfigError
 
-METHODS = ("ensemble", "ensemble-centered", "ensemble-keep-best", "qlora", "mtl-ft", "cosine", "random", "local")
+METHODS = (
+    "ensemble",
+    "ensemble-centered",
+    "ensemble-keep-best",
+    "ensemble-validated",
+    "qlora",
+    "mtl-ft",
+    "cosine",
+    "random",
+    "local",
+)
 
 
 def method_settings(method: str, finetune_steps: int = 0, num_groups: int | None = None) -> dict[str, Any]:
@@ -35,6 +45,8 @@ def method_settings(method: str, finetune_steps: int = 0, num_groups: int | None
     ``ensemble-centered``: EnsembleLoRA on the affinity without per-client offsets;
     ``ensemble-keep-best``: EnsembleLoRA where each group keeps its adapter of its lowest
     own-client validation loss over the rounds (a per-group early stop: small groups overfit);
+    ``ensemble-validated``: EnsembleLoRA evaluated on validation every round, keeping the last
+    round's adapters (``ensemble-keep-best``'s ablation: the same run but for the choice);
     ``qlora``: one adapter; ``mtl-ft``: it, fine-tuned ``finetune_steps`` locally; ``cosine``:
     gradient-cosine groups; ``random``: ``num_groups`` random groups (EnsembleLoRA's m, for a
     like-for-like comparison); ``local``: one adapter per client. Baselines with one adapter
@@ -45,6 +57,7 @@ def method_settings(method: str, finetune_steps: int = 0, num_groups: int | None
         "ensemble": {},
         "ensemble-centered": {"affinity.offsets": "remove"},
         "ensemble-keep-best": {"train.validation_every": 1, "train.keep_best": True},
+        "ensemble-validated": {"train.validation_every": 1},
         "qlora": one,
         "mtl-ft": {**one, "train.finetune_steps": finetune_steps},
         "cosine": {"affinity.mode": "gradient-cosine"},

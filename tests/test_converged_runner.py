@@ -1,6 +1,7 @@
 """The converged-budget experiment's decisions: the budget rule, the run order, paired intervals."""
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,11 @@ def test_method_settings_name_every_baseline_and_reject_bad_ones():
         method_settings("best")
     keep_best = load_config(overrides=method_settings("ensemble-keep-best"))  # a valid run: it evaluates every round
     assert keep_best.train.keep_best and keep_best.train.validation_every == 1
-    assert ("ensemble-keep-best", 0, "bf16") in runner.plan(SHAKESPEARE, [0, 1, 2])
+    validated = load_config(overrides=method_settings("ensemble-validated"))  # its ablation: all but keep_best
+    assert not validated.train.keep_best and validated.train.validation_every == 1
+    assert replace(keep_best, train=replace(keep_best.train, keep_best=False)) == validated
+    planned = runner.plan(SHAKESPEARE, [0, 1, 2])
+    assert {("ensemble-keep-best", 0, "bf16"), ("ensemble-validated", 0, "bf16")} <= set(planned)
     for key, value in {**method_settings("ensemble-keep-best"), **method_settings("qlora"), "train.lr": 0.005}.items():
         assert parse_override(runner.override(key, value)) == (key, value)  # as the run's process reads it
 
