@@ -19,7 +19,8 @@ pipeline checkpoint with ``elora-fed run --resume``):
 Compute, both ways: the paper's definition (``PAPER_PHASES``: the gradient pass, training
 and boosting, plus MTL-FT's local fine-tuning, which runs in its weights phase, where its
 step count is chosen on validation, and its test phase, and is counted as the FLOPs of
-those two phases beyond one adapter's of the same seed) and the full count of every pass.
+those two phases beyond one adapter's of the same seed; less training's validation passes,
+``train.validation_every``) and the full count of every pass.
 
 Every finished run writes ``<results>/runs/<key>.json``: its per-client test results, cost
 ledger and the commit it ran at. Run an experiment from its own worktree at a fixed commit:
@@ -155,7 +156,7 @@ def record(results: Path, key: str, settings: dict[str, Any], run_dir: Path, sec
         "weights_validation_loss": next(
             (m["validation_loss"] for m in metrics if m["phase"] == "weights" and "validation_loss" in m), None
         ),
-        "phases": {p: {"flops": v["flops"]["total"], "wall_s": v["wall_s"]} for p, v in accounting["phases"].items()},
+        "phases": {p: phase_cost(v) for p, v in accounting["phases"].items()},
         "curve": [
             {"round": m["round"], "validation_loss": m["validation_loss"], "train_loss": _mean(m["train_loss"])}
             for m in metrics
@@ -167,6 +168,13 @@ def record(results: Path, key: str, settings: dict[str, Any], run_dir: Path, sec
     path.with_suffix(".tmp").write_text(json.dumps(summary, indent=1) + "\n")
     path.with_suffix(".tmp").replace(path)
     return summary
+
+
+def phase_cost(phase: dict[str, Any]) -> dict[str, Any]:
+    """One phase of the run's ``accounting.json``: FLOPs, wall time, and the token positions and forward
+    FLOPs that ``training_validation_flops`` splits evaluation from training with."""
+    cost = {"flops": phase["flops"]["total"], "wall_s": phase["wall_s"], "forward_flops": phase["flops"]["forward"]}
+    return {**cost, "tokens": {k: phase["tokens"][k] for k in ("forward", "backward")}}
 
 
 def _mean(values: dict[str, float]) -> float:
@@ -247,8 +255,27 @@ def settings_for(
 
 
 def paper_flops(run: dict[str, Any]) -> float:
-    """The paper's compute: gradient pass, training and boosting fits (and MTL-FT's local fine-tuning)."""
-    return float(sum(run["phases"].get(p, {}).get("flops", 0.0) for p in PAPER_PHASES) + run.get("finetune_flops", 0.0))
+    """The paper's compute: gradient pass, training and boosting fits (and MTL-FT's local fine-tuning).
+
+    Training's validation evaluations (``train.validation_every``) are evaluation passes, not
+    training: they are left out (``training_validation_flops``), as the paper leaves out evaluation.
+    """
+    phases = sum(run["phases"].get(p, {}).get("flops", 0.0) for p in PAPER_PHASES)
+    return float(phases - training_validation_flops(run) + run.get("finetune_flops", 0.0))
+
+
+def training_validation_flops(run: dict[str, Any]) -> float:
+    """The train phase's forward-only passes: its validation evaluations (every training pass also runs backward).
+
+    FLOPs are linear in token positions, so they are the phase's forward FLOPs times the
+    share of its forward positions that had no backward pass. Runs recorded without token
+    counts held no validation in their train phase (0).
+    """
+    train = run["phases"].get("train", {})
+    tokens = train.get("tokens")
+    if not tokens or not tokens["forward"]:
+        return 0.0
+    return float(train["forward_flops"] * (tokens["forward"] - tokens["backward"]) / tokens["forward"])
 
 
 def full_flops(run: dict[str, Any]) -> float:

@@ -184,3 +184,20 @@ def test_only_named_runs_run_and_in_the_order_given(tmp_path, monkeypatch):
     assert ran == ["ensemble-m8-seed0", "ensemble-m2-seed0"]
     with pytest.raises(RuntimeError, match="random"):  # it waits on ensemble-seed0, which is not to run
         runner.runs_stage(SHAKESPEARE, tmp_path, tmp_path, budget, [0], only=["random-seed0"])
+
+
+def test_the_paper_compute_leaves_out_training_validation_passes():
+    def phase(forward_tokens, backward_tokens, per_token=2.0, backward_per_token=3.0):
+        forward, backward = forward_tokens * per_token, backward_tokens * backward_per_token
+        return {
+            "flops": {"forward": forward, "backward": backward, "sketch": 0.0, "total": forward + backward},
+            "tokens": {"forward": forward_tokens, "backward": backward_tokens},
+            "wall_s": 1.0,
+        }
+
+    validated = {"phases": {"train": runner.phase_cost(phase(120, 100)), "test": runner.phase_cost(phase(50, 0))}}
+    assert runner.training_validation_flops(validated) == pytest.approx(20 * 2.0)  # 20 positions forward only
+    assert runner.paper_flops(validated) == pytest.approx(100 * 2.0 + 100 * 3.0)
+    assert runner.full_flops(validated) == pytest.approx(120 * 2.0 + 100 * 3.0 + 50 * 2.0)
+    older = {"phases": {"train": {"flops": 500.0, "wall_s": 1.0}}}  # recorded before token counts: no validation
+    assert runner.training_validation_flops(older) == 0.0 and runner.paper_flops(older) == 500.0
