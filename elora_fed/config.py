@@ -251,6 +251,13 @@ def from_run_config(flat: Mapping[str, Any]) -> RunConfig:
     return load_config(preset, {k: v for k, v in flat.items() if k != "preset" and defaults.get(k) != v})
 
 
+def toml_value(value: Any) -> str:
+    """A run-config value as ``--run-config`` and ``--set`` read it (``parse_override``): strings quoted, booleans lower case."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
 def parse_override(assignment: str) -> tuple[str, Any]:
     """Parse ``key=value`` as Flower's ``--run-config`` does: the value is a TOML value.
 

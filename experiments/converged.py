@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from elora_fed.config import parse_override
+from elora_fed.config import parse_override, toml_value
 from strategies.baselines import method_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,11 +110,6 @@ def commit() -> str:
     ).stdout.strip()
 
 
-def override(key: str, value: Any) -> str:
-    """``key=value`` as ``elora-fed run --set`` parses it (a TOML value: booleans are ``true``/``false``)."""
-    return f"{key}={str(value).lower() if isinstance(value, bool) else value}"
-
-
 def run_pipeline(settings: dict[str, Any], work: Path) -> Path:
     """``elora-fed run`` in its own process, resumed if an earlier attempt left a checkpoint."""
     work.mkdir(parents=True, exist_ok=True)
@@ -122,7 +117,7 @@ def run_pipeline(settings: dict[str, Any], work: Path) -> Path:
     if previous:
         cmd = [sys.executable, "-m", "elora_fed.cli", "run", "--resume", str(previous[-1].parent)]
     else:
-        overrides = [f"--set={override(k, v)}" for k, v in settings.items()]
+        overrides = [f"--set={k}={toml_value(v)}" for k, v in settings.items()]
         cmd = [sys.executable, "-m", "elora_fed.cli", "run", *overrides, f"--set=run_dir={work}"]
     with (work / "log.txt").open("a") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)

@@ -19,12 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from elora_fed.config import toml_value
+
 BIN = Path(sys.executable).parent  # the venv's scripts, whether or not it is activated
-
-
-def toml_value(value: Any) -> str:
-    """A run-config value as ``flwr run --run-config`` reads it (strings quoted)."""
-    return f"'{value}'" if isinstance(value, str) else str(value)
 
 
 def free_port() -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from elora_fed.config import load_config, parse_override
+from elora_fed.config import load_config, parse_override, toml_value
 from elora_fed.errors import ConfigError, DataError
 from strategies.baselines import method_settings
 
@@ -93,7 +93,7 @@ def test_method_settings_name_every_baseline_and_reject_bad_ones():
     planned = runner.plan(SHAKESPEARE, [0, 1, 2])
     assert {("ensemble-keep-best", 0, "bf16"), ("ensemble-validated", 0, "bf16")} <= set(planned)
     for key, value in {**method_settings("ensemble-keep-best"), **method_settings("qlora"), "train.lr": 0.005}.items():
-        assert parse_override(runner.override(key, value)) == (key, value)  # as the run's process reads it
+        assert parse_override(f"{key}={toml_value(value)}") == (key, value)  # as the run's process reads it
 
 
 def test_the_classification_report_adds_per_task_accuracy_majority_and_points():
